@@ -1,0 +1,317 @@
+"""``AsyncResult``: the client's handle on a task that runs on one or more engines.
+
+The client's I/O thread fills a ``TaskRecord``; the user's thread reads it. Waits are sliced so
+Ctrl-C and Jupyter's "interrupt kernel" always get through, and ``data`` is a snapshot: each
+engine's dict is replaced, never changed in place, by the I/O thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .errors import CompositeError, MpipubError, RemoteError
+
+_SLICE_S = 0.1  # longest uninterrupted wait in the user's thread
+
+
+@dataclass(frozen=True)
+class Publication:
+    """One ``publish_data`` call as the client received it."""
+
+    engine: int  #: engine id (MPI rank)
+    step: int  #: per-engine, per-task counter starting at 0
+    time: float  #: when the engine called publish_data (time.time() there)
+    received: float  #: when rank 0 received it
+    data: dict  #: what was published in that call (not merged)
+
+
+@dataclass
+class EngineStats:
+    """Counters for one engine in one task."""
+
+    publications: int = 0
+    bytes: int = 0
+    last_step: int | None = None
+    last_time: float | None = None  #: arrival time of the last publication on rank 0
+    lag: float | None = None  #: arrival minus publish time of the last publication (s)
+
+
+@dataclass
+class _EngineState:
+    data: dict = field(default_factory=dict)
+    stats: EngineStats = field(default_factory=EngineStats)
+    done: bool = False
+    ok: bool = False
+    value: Any = None
+    error: RemoteError | None = None
+    started: float | None = None
+    finished: float | None = None
+    stdout: list = field(default_factory=list)
+    stderr: list = field(default_factory=list)
+
+
+class TaskRecord:
+    """Everything the client knows about one submitted task (shared with the I/O thread)."""
+
+    def __init__(self, task_id: int, engines: list[int], hosts: list[str], label: str,
+                 history_bytes: int):
+        self.task_id = task_id
+        self.engines = list(engines)
+        self.hosts = hosts
+        self.label = label
+        self.submitted = time.time()
+        self.finished: float | None = None
+        self.state = {e: _EngineState() for e in engines}
+        self.cond = threading.Condition()
+        self.pending = len(engines)
+        self.history: collections.deque = collections.deque()
+        self.history_first = 0  # sequence number of history[0]
+        self.history_size = 0
+        self.history_limit = history_bytes
+        self.history_dropped = 0
+        self.io_error: BaseException | None = None
+
+    # -- called by the I/O thread ---------------------------------------------------------------
+    def on_data(self, engine: int, step: int, t_pub: float, data: dict, nbytes: int) -> None:
+        now = time.time()
+        st = self.state[engine]
+        merged = st.data.copy()
+        merged.update(data)
+        pub = Publication(engine, step, t_pub, now, data)
+        with self.cond:
+            st.data = merged
+            s = st.stats
+            s.publications += 1
+            s.bytes += nbytes
+            s.last_step = step
+            s.last_time = now
+            s.lag = now - t_pub
+            self.history.append((pub, nbytes))
+            self.history_size += nbytes
+            while self.history_size > self.history_limit and len(self.history) > 1:
+                _, n = self.history.popleft()
+                self.history_size -= n
+                self.history_first += 1
+                self.history_dropped += 1
+            self.cond.notify_all()
+
+    def on_output(self, engine: int, which: int, text: str) -> None:
+        with self.cond:
+            (self.state[engine].stdout if which == 1 else self.state[engine].stderr).append(text)
+
+    def on_result(self, engine: int, ok: bool, value: Any, t0: float, t1: float) -> None:
+        st = self.state[engine]
+        with self.cond:
+            if st.done:
+                return
+            st.started, st.finished = t0, t1
+            st.ok = ok
+            if ok:
+                st.value = value
+            else:
+                ename, evalue, tb = value
+                st.error = RemoteError(engine, self.hosts[engine], ename, evalue, tb)
+            st.done = True
+            self.pending -= 1
+            if self.pending == 0:
+                self.finished = time.time()
+            self.cond.notify_all()
+
+    def fail_all(self, exc: BaseException) -> None:
+        """The I/O thread died: wake every waiter with the reason instead of hanging."""
+        with self.cond:
+            self.io_error = exc
+            self.cond.notify_all()
+
+
+class AsyncResult:
+    """A task submitted to one engine (``engine_id``) or several (``engine_ids``)."""
+
+    def __init__(self, runtime, record: TaskRecord, single: bool):
+        self._rt = runtime
+        self._rec = record
+        self._single = single
+
+    # -- identity -------------------------------------------------------------------------------
+    @property
+    def task_id(self) -> int:
+        return self._rec.task_id
+
+    @property
+    def engine_ids(self) -> list[int]:
+        return list(self._rec.engines)
+
+    @property
+    def engine_id(self) -> int | list[int]:
+        return self._rec.engines[0] if self._single else list(self._rec.engines)
+
+    def __repr__(self) -> str:
+        state = "done" if self.ready() else "running"
+        return f"<AsyncResult task {self.task_id} {self._rec.label} on {self.engine_id}: {state}>"
+
+    def _per_engine(self, values: list):
+        return values[0] if self._single else values
+
+    # -- data -----------------------------------------------------------------------------------
+    @property
+    def data(self) -> dict | list[dict]:
+        """Latest published data, merged key by key: a list in engine order (a dict for a
+        single-engine view). A snapshot: later publications do not change what you hold."""
+        return self._per_engine([dict(self._rec.state[e].data) for e in self._rec.engines])
+
+    @property
+    def stats(self) -> dict[int, EngineStats]:
+        """Per-engine counters: publications, bytes, last step, time of last arrival, lag."""
+        with self._rec.cond:
+            return {e: EngineStats(**vars(self._rec.state[e].stats)) for e in self._rec.engines}
+
+    @property
+    def stdout(self) -> str | list[str]:
+        """What the task printed to stdout on each engine (forwarded live)."""
+        with self._rec.cond:
+            return self._per_engine(["".join(self._rec.state[e].stdout) for e in self._rec.engines])
+
+    @property
+    def stderr(self) -> str | list[str]:
+        """What the task printed to stderr on each engine (forwarded live)."""
+        with self._rec.cond:
+            return self._per_engine(["".join(self._rec.state[e].stderr) for e in self._rec.engines])
+
+    # -- waiting --------------------------------------------------------------------------------
+    def ready(self) -> bool:
+        """True when every engine has returned (a result or an error)."""
+        return self._rec.pending == 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until ready or ``timeout`` seconds; return ready(). Interruptible."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        rec = self._rec
+        with rec.cond:
+            while rec.pending:
+                self._check_io()
+                left = _SLICE_S if deadline is None else min(_SLICE_S, deadline - time.monotonic())
+                if left <= 0:
+                    return False
+                rec.cond.wait(left)
+        return True
+
+    def _check_io(self) -> None:
+        if self._rec.io_error is not None:
+            raise MpipubError(f"the client's I/O thread failed: {self._rec.io_error!r}; "
+                              "task results can no longer arrive") from self._rec.io_error
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Wait for the result(s): a list in engine order (one value for a single engine).
+
+        Raises ``TimeoutError`` after ``timeout`` seconds, ``RemoteError`` if one engine failed
+        and ``CompositeError`` (a RemoteError) listing each engine if several did."""
+        if not self.wait(timeout):
+            done = sum(self._rec.state[e].done for e in self._rec.engines)
+            raise TimeoutError(f"task {self.task_id} ({self._rec.label}) not done after "
+                               f"{timeout} s: {done} of {len(self._rec.engines)} engines finished")
+        errors = [self._rec.state[e].error for e in self._rec.engines
+                  if self._rec.state[e].error is not None]
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            raise CompositeError(errors)
+        return self._result_value()
+
+    def _result_value(self):
+        return self._per_engine([self._rec.state[e].value for e in self._rec.engines])
+
+    def successful(self) -> bool:
+        """True if every engine returned without error; raises if not ready yet."""
+        if not self.ready():
+            raise MpipubError(f"task {self.task_id} is not done yet; call wait() or ready() first")
+        return all(self._rec.state[e].ok for e in self._rec.engines)
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds from submission to the last engine's result (or to now, while running)."""
+        end = self._rec.finished if self._rec.finished is not None else time.time()
+        return end - self._rec.submitted
+
+    def abort(self) -> None:
+        """Ask every engine still running this task to stop it. The task raises
+        ``TaskAborted`` at its next ``publish_data`` call (a task that never publishes cannot
+        be aborted; it runs to its end). Queued, not yet started tasks are skipped."""
+        pending = [e for e in self._rec.engines if not self._rec.state[e].done]
+        self._rt.abort(self.task_id, pending)
+
+    # -- streaming ------------------------------------------------------------------------------
+    def stream(self, timeout: float | None = None) -> Iterator[Publication]:
+        """Yield every publication in arrival order, until the task is done and all are read.
+
+        ``timeout``: longest wait for the next publication (TimeoutError). Publications older
+        than the client's ``history_bytes`` limit are dropped with a warning saying how many.
+        """
+        rec = self._rec
+        seq = 0
+        while True:
+            with rec.cond:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while seq >= rec.history_first + len(rec.history) and rec.pending:
+                    self._check_io()
+                    left = _SLICE_S if deadline is None else min(_SLICE_S,
+                                                                  deadline - time.monotonic())
+                    if left <= 0:
+                        raise TimeoutError(f"no publication from task {self.task_id} within "
+                                           f"{timeout} s")
+                    rec.cond.wait(left)
+                if seq < rec.history_first:
+                    warnings.warn(
+                        f"stream(): {rec.history_first - seq} publications of task "
+                        f"{self.task_id} were dropped before being read (history limit "
+                        f"{rec.history_limit} bytes; raise Client(history_bytes=...) or use a "
+                        "sink to keep every step)", RuntimeWarning, stacklevel=2)
+                    seq = rec.history_first
+                if seq >= rec.history_first + len(rec.history):
+                    return  # done and everything read
+                pub = rec.history[seq - rec.history_first][0]
+            seq += 1
+            yield pub
+
+    def wait_interactive(self, interval: float = 0.2, timeout: float | None = None) -> None:
+        """Wait with a progress bar on stderr: engines done and steps published."""
+        try:
+            from tqdm import tqdm
+        except ImportError:  # pragma: no cover - tqdm is a dependency
+            tqdm = None
+        n = len(self._rec.engines)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = tqdm(total=n, desc=f"task {self.task_id}", unit="engine", file=sys.stderr) \
+            if tqdm else None
+        try:
+            while True:
+                done = n - self._rec.pending
+                steps = sum(self._rec.state[e].stats.publications for e in self._rec.engines)
+                if bar is not None:
+                    bar.n = done
+                    bar.set_postfix(steps=steps, refresh=False)
+                    bar.refresh()
+                if self.ready():
+                    break
+                left = interval if deadline is None else min(interval, deadline - time.monotonic())
+                if left <= 0:
+                    raise TimeoutError(f"task {self.task_id} not done after {timeout} s")
+                self.wait(left)
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+class AsyncMapResult(AsyncResult):
+    """Result of ``view.map_async``: ``get()`` returns one flat list in input order."""
+
+    def _result_value(self):
+        out: list = []
+        for e in self._rec.engines:
+            out.extend(self._rec.state[e].value)
+        return out

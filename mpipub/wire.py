@@ -1,0 +1,244 @@
+"""How Python objects travel: pickle protocol 5 with numpy buffers out of band.
+
+A message is one *header* on a header tag, then its raw buffers on a buffer tag, in order (MPI
+never lets messages from one sender on one tag overtake each other). Small messages travel as
+one MPI message: the header carries the buffers inline (one copy, cheap below the threshold,
+and much faster than two messages). The header is bytes:
+
+    magic kind inline pad (u8 each) nbufs(u32) task_id(i64) step(i64) time(f64) bodylen(u64)
+    | buflen(u64) * nbufs | body (pickle) | [inline buffers]
+
+so routing fields are read without unpickling, and a body that fails to unpickle still says
+which task and step it belonged to.
+
+Inline buffers start on 16-byte boundaries so the arrays rebuilt from them are aligned.
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import struct
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+MAGIC = 0xB5
+# magic kind inline pad nbufs task_id step time bodylen
+_FIXED = struct.Struct("<BBBxIqqdQ")
+_LEN = struct.Struct("<Q")
+ALIGN = 16
+
+#: Publications whose raw buffers total at most this many bytes travel as one MPI message.
+#: Measured with benchmarks/ (see README): below this size one message that carries a copy
+#: beats a header followed by a separate raw buffer.
+INLINE_LIMIT = 32 * 1024
+
+# Message kinds.
+DATA = 1  # engine -> client: a publication (body: the dict)
+RESULT = 2  # engine -> client: a task's outcome (body: (ok, value or error info, t0, t1))
+OUTPUT = 3  # engine -> client: printed text (step: 1 stdout, 2 stderr; body: str)
+BYE = 4  # engine -> client: the engine stops serving
+TASK = 5  # client -> engine: (kind of task, function, args, kwargs, options)
+STOP = 6  # client -> engine: stop serving
+ABORT = 7  # client -> engine: abort task_id
+
+
+def _pad(n: int) -> int:
+    return (-n) % ALIGN
+
+
+class Encoded:
+    """A message ready to send: ``header`` plus out-of-band ``buffers`` (maybe empty)."""
+
+    __slots__ = ("header", "buffers", "nbytes")
+
+    def __init__(self, header, buffers, nbytes):
+        self.header = header
+        self.buffers = buffers
+        self.nbytes = nbytes
+
+
+def encode(
+    kind: int,
+    task_id: int,
+    step: int,
+    obj: Any,
+    dumps: Callable = pickle.dumps,
+    *,
+    t: float | None = None,
+    copy: bool = True,
+    inline_limit: int = INLINE_LIMIT,
+    pool: "BufferPool | None" = None,
+) -> Encoded:
+    """Serialise ``obj``; with ``copy`` the result never aliases the caller's arrays.
+
+    Raises whatever ``dumps`` raises: callers turn that into an error naming the culprit.
+    """
+    pbufs: list = []
+    body = dumps(obj, protocol=5, buffer_callback=pbufs.append)
+    raws = [pb.raw() for pb in pbufs]
+    lens = [r.nbytes for r in raws]
+    total = sum(lens)
+    inline = total <= inline_limit
+    fixed = _FIXED.pack(MAGIC, kind, 1 if inline else 0, len(raws), task_id, step,
+                        time.time() if t is None else t, len(body))
+    lens_b = b"".join([_LEN.pack(n) for n in lens])
+    if inline:
+        if not raws:
+            header = b"".join((fixed, lens_b, body))
+            return Encoded(header, (), len(header))
+        parts = [fixed, lens_b, body]
+        off = len(fixed) + len(lens_b) + len(body)
+        for r in raws:
+            p = _pad(off)
+            if p:
+                parts.append(b"\0" * p)
+            parts.append(r)
+            off += p + r.nbytes
+        header = b"".join(parts)
+        return Encoded(header, (), len(header))
+    header = b"".join((fixed, lens_b, body))
+    if copy:
+        bufs = []
+        for r in raws:
+            dst = pool.take(r.nbytes) if pool is not None else np.empty(r.nbytes, np.uint8)
+            if r.nbytes:
+                np.copyto(dst, np.frombuffer(r, np.uint8))
+            bufs.append(dst)
+    else:
+        bufs = raws
+    return Encoded(header, bufs, len(header) + total)
+
+
+class Message:
+    """A received message: routing fields, the pickled body and its buffers (not yet decoded)."""
+
+    __slots__ = ("source", "kind", "task_id", "step", "time", "body", "buffers", "nbytes")
+
+    def decode(self) -> Any:
+        """Rebuild the payload (no copy of the buffers: arrays view the received memory)."""
+        return pickle.loads(self.body, buffers=self.buffers)
+
+
+def recv_message(comm, MPI, msg, status, buf_tag: int) -> Message:
+    """Receive a matched header and the raw buffers that follow it from the same sender."""
+    n = status.Get_count(MPI.BYTE)
+    source = status.Get_source()
+    header = np.empty(n, np.uint8)
+    msg.Recv([header, MPI.BYTE])
+    mv = memoryview(header)
+    magic, kind, inline, nbufs, task_id, step, t, bodylen = _FIXED.unpack_from(mv, 0)
+    if magic != MAGIC:
+        raise ValueError(f"rank {source} sent a message that is not mpipub's (bad magic byte)")
+    off = _FIXED.size
+    lens = [_LEN.unpack_from(mv, off + 8 * i)[0] for i in range(nbufs)]
+    off += 8 * nbufs
+    m = Message()
+    m.source, m.kind, m.task_id, m.step, m.time = source, kind, task_id, step, t
+    m.body = mv[off : off + bodylen]
+    off += bodylen
+    bufs = []
+    if inline:
+        for nb in lens:
+            off += _pad(off)
+            bufs.append(mv[off : off + nb])
+            off += nb
+        m.nbytes = n
+    else:
+        for nb in lens:
+            b = np.empty(nb, np.uint8)
+            comm.Recv([b, MPI.BYTE], source=source, tag=buf_tag)
+            bufs.append(b)
+        m.nbytes = n + sum(lens)
+    m.buffers = bufs
+    return m
+
+
+class BufferPool:
+    """Send buffers recycled by size, so a simulation publishing the same shapes every step
+    does not pay fresh-page faults for every copy. Holds at most ``max_bytes`` idle."""
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes = max_bytes
+        self.idle_bytes = 0
+        self._free: dict[int, list] = collections.defaultdict(list)
+
+    def take(self, nbytes: int):
+        lst = self._free.get(nbytes)
+        if lst:
+            self.idle_bytes -= nbytes
+            return lst.pop()
+        return np.empty(nbytes, np.uint8)
+
+    def give(self, buf) -> None:
+        n = buf.nbytes
+        if n >= 4096 and self.idle_bytes + n <= self.max_bytes and isinstance(buf, np.ndarray):
+            self._free[n].append(buf)
+            self.idle_bytes += n
+
+
+class Outbox:
+    """Non-blocking sends with a bound on what is outstanding (bytes and count).
+
+    Every ``send`` first tests the oldest requests (so large rendezvous sends progress); when
+    the bound is reached it waits for the oldest, which slows the producer instead of growing
+    memory or dropping anything.
+    """
+
+    def __init__(self, comm, MPI, *, max_bytes: int = 512 << 20, max_count: int = 1024,
+                 pool: BufferPool | None = None):
+        self.comm = comm
+        self.MPI = MPI
+        self.max_bytes = max_bytes
+        self.max_count = max_count
+        self.pool = pool
+        self._pending: collections.deque = collections.deque()  # (requests, nbytes, keep)
+        self.outstanding_bytes = 0
+        self.waited_s = 0.0  # time spent waiting at the bound (back-pressure)
+
+    def send(self, enc: Encoded, dest: int, tag_head: int, tag_buf: int) -> None:
+        """Post the sends for ``enc``; first wait for old sends while over the bound."""
+        MPI = self.MPI
+        self.progress()
+        while self._pending and (
+            self.outstanding_bytes + enc.nbytes > self.max_bytes
+            or len(self._pending) >= self.max_count
+        ):
+            t0 = time.perf_counter()
+            self._complete_oldest()
+            self.waited_s += time.perf_counter() - t0
+        reqs = [self.comm.Isend([enc.header, MPI.BYTE], dest, tag_head)]
+        for b in enc.buffers:
+            reqs.append(self.comm.Isend([b, MPI.BYTE], dest, tag_buf))
+        self._pending.append((reqs, enc.nbytes, enc.buffers))
+        self.outstanding_bytes += enc.nbytes
+
+    def progress(self) -> None:
+        """Retire every completed send at the front of the queue."""
+        MPI = self.MPI
+        while self._pending:
+            reqs = self._pending[0][0]
+            if not MPI.Request.Testall(reqs):
+                return
+            self._retire()
+
+    def _complete_oldest(self) -> None:
+        self.MPI.Request.Waitall(self._pending[0][0])
+        self._retire()
+
+    def _retire(self) -> None:
+        _, nbytes, keep = self._pending.popleft()
+        self.outstanding_bytes -= nbytes
+        if self.pool is not None:
+            for b in keep:
+                self.pool.give(b)
+
+    def flush(self) -> None:
+        """Wait until every send has completed."""
+        while self._pending:
+            self._complete_oldest()
+
+    def __len__(self) -> int:
+        return len(self._pending)

@@ -1,0 +1,101 @@
+"""Test helpers: every MPI job runs in its own process group, with a timeout, and is killed
+(whole group) if it outlives it, so a bug fails a test instead of hanging CI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(PYTHON) + os.pathsep
+                       + os.environ.get("PATH", ""))
+
+
+@dataclass
+class Job:
+    returncode: int
+    stdout: str
+    stderr: str
+    elapsed: float
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def mpi_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env["MPLBACKEND"] = "Agg"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill the job's whole process group (mpiexec and every rank)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def start_mpi(nranks: int, args: list[str], *, env: dict | None = None, cwd=None,
+              stdout=subprocess.PIPE, stderr=subprocess.PIPE) -> subprocess.Popen:
+    """Start `mpiexec -n nranks python ARGS` in a new process group."""
+    assert MPIEXEC, "mpiexec not found (pip install mpich)"
+    cmd = [MPIEXEC, "-n", str(nranks), PYTHON, *args]
+    return subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True, env=mpi_env(env),
+                            cwd=cwd, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> Job:
+    t0 = time.monotonic()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        pytest.fail(f"MPI job did not finish within {timeout} s (killed its process group)\n"
+                    f"--- stdout ---\n{out}\n--- stderr ---\n{err}")
+    finally:
+        kill_group(proc)  # no rank may outlive the job
+    return Job(proc.returncode, out, err, time.monotonic() - t0)
+
+
+def run_mpi(nranks: int, args: list[str], *, timeout: float = 60, env: dict | None = None,
+            cwd=None) -> Job:
+    """Run an MPI job to its end; fail the test (after killing it) if it exceeds timeout."""
+    return finish(start_mpi(nranks, args, env=env, cwd=cwd), timeout)
+
+
+@pytest.fixture
+def mpi_script(tmp_path):
+    """Write a script (dedented) to tmp_path and run it under mpiexec.
+
+    Usage: ``job = mpi_script(code, nranks=3, args=[...], timeout=60, run=False)``; with
+    ``run=True`` it is launched as ``python -m mpipub run script``.
+    """
+    counter = {"n": 0}
+
+    def _run(code: str, nranks: int = 3, args: list[str] | None = None, timeout: float = 60,
+             run: bool = False, env: dict | None = None) -> Job:
+        counter["n"] += 1
+        path = tmp_path / f"script{counter['n']}.py"
+        path.write_text(textwrap.dedent(code))
+        pre = ["-m", "mpipub", "run"] if run else []
+        return run_mpi(nranks, [*pre, str(path), *(args or [])], timeout=timeout, env=env,
+                       cwd=tmp_path)
+
+    return _run
