@@ -30,6 +30,10 @@ POLL_MIN_S = 20e-6
 POLL_GROWTH = 1.5
 POLL_MAX_S = float(os.environ.get("MPIPUB_ENGINE_POLL_MAX_S", "0.002"))
 
+#: Bound on sends not yet completed by one engine; past it publish_data waits for the oldest.
+MAX_OUTSTANDING_BYTES = int(os.environ.get("MPIPUB_MAX_OUTSTANDING_BYTES", str(256 << 20)))
+MAX_OUTSTANDING_COUNT = int(os.environ.get("MPIPUB_MAX_OUTSTANDING_COUNT", "1024"))
+
 _current: "Engine | None" = None
 
 
@@ -84,8 +88,8 @@ class _ForwardedStream(io.TextIOBase):
 class Engine:
     """One engine's state: its outbox, its namespace, the task it runs and that task's step."""
 
-    def __init__(self, world: World, *, max_outstanding_bytes: int = 512 << 20,
-                 max_outstanding_count: int = 1024):
+    def __init__(self, world: World, *, max_outstanding_bytes: int = MAX_OUTSTANDING_BYTES,
+                 max_outstanding_count: int = MAX_OUTSTANDING_COUNT):
         self.world = world
         self.comm = world.comm
         self.MPI = world.MPI

@@ -1,0 +1,374 @@
+"""The client API against real `mpiexec` jobs: views, apply/map, namespaces, data semantics.
+
+Each test runs one MPI job whose rank-0 script asserts; a failed assert exits non-zero with
+its traceback, which the test shows.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import run_mpi
+
+
+def ok(job, *markers):
+    assert job.returncode == 0, f"exit {job.returncode}\n{job.output}"
+    for m in markers:
+        assert m in job.stdout, f"{m!r} missing\n{job.output}"
+
+
+def test_views_and_apply(mpi_script):
+    job = mpi_script("""
+        from mpipub import Client
+        from mpi4py import MPI
+        c = Client()
+        assert c.ids == [1, 2, 3, 4] and len(c) == 4, c.ids
+        rank = lambda: MPI.COMM_WORLD.Get_rank()
+        dv = c[:]
+        assert dv.block is False
+        ar = dv.apply_async(rank)
+        assert ar.get(timeout=20) == [1, 2, 3, 4]
+        assert ar.engine_ids == [1, 2, 3, 4] and ar.ready() and ar.successful()
+        assert ar.elapsed > 0
+        assert c[1:3].apply_sync(rank) == [1, 2]
+        assert c[[1, 3]].apply_sync(rank) == [1, 3]
+        one = c[2].apply_async(rank)
+        assert one.get(timeout=20) == 2 and one.engine_id == 2
+        dv.block = True
+        assert dv.apply(lambda x, y=1: x * y, 3, y=2) == [6, 6, 6, 6]
+        dv.block = False
+        assert dv.apply(lambda: 1).get(timeout=20) == [1, 1, 1, 1]
+        # the default result of a function with no return is None, per engine
+        assert c[4].apply_sync(lambda: None) is None
+        with Client() as c2:          # the same runtime: a second handle
+            assert c2.ids == c.ids
+        print("OK views")
+    """, nranks=5)
+    ok(job, "OK views")
+
+
+def test_main_functions_travel_by_value_and_namespace(mpi_script):
+    job = mpi_script("""
+        from mpipub import Client
+        import numpy as np
+        SCALE = 3
+        def helper(x):
+            return x * SCALE
+        def uses_helper(x):
+            return helper(x) + 1
+        c = Client()
+        dv = c[:]
+        assert dv.apply_sync(uses_helper, 2) == [7, 7]
+        closure_val = 10
+        assert dv.apply_sync(lambda: closure_val + 1) == [11, 11]
+        # numpy arguments arrive exactly
+        arr = np.arange(100000, dtype=np.float32).reshape(100, 1000)
+        out = dv.apply_sync(lambda a: (a.shape, a.dtype.str, float(a.sum())), arr)
+        assert out == [((100, 1000), arr.dtype.str, float(arr.sum()))] * 2, out
+        # push / pull / execute / item access share the engines' namespace
+        dv.push({"x": 5, "arr": np.ones(3)}, block=True)
+        assert dv.pull("x", block=True) == [5, 5]
+        dv.execute("y = x * 2", block=True)
+        assert dv.pull(["x", "y"], block=True) == [[5, 10], [5, 10]]
+        dv["z"] = "hello"
+        assert dv["z"] == ["hello", "hello"]
+        assert c[1]["y"] == 10
+        # functions from __main__ see names that were pushed
+        assert dv.apply_sync(lambda: y + x) == [15, 15]
+        c[2].push({"x": 100}, block=True)
+        assert dv.pull("x", block=True) == [5, 100]
+        print("OK namespace")
+    """, nranks=3)
+    ok(job, "OK namespace")
+
+
+def test_map(mpi_script):
+    job = mpi_script("""
+        from mpipub import Client
+        c = Client()
+        dv = c[:]
+        assert dv.map_sync(lambda x: x * x, range(10)) == [x * x for x in range(10)]
+        assert dv.map_sync(lambda a, b: a + b, [1, 2, 3], [10, 20, 30]) == [11, 22, 33]
+        assert dv.map_sync(str, [1, 2]) == ["1", "2"]          # fewer items than engines
+        assert dv.map_sync(abs, []) == []
+        ar = dv.map_async(lambda x: x + 1, range(7))
+        assert ar.get(timeout=20) == list(range(1, 8))
+        dv.block = True
+        assert dv.map(lambda x: -x, [1, 2, 3, 4, 5]) == [-1, -2, -3, -4, -5]
+        print("OK map")
+    """, nranks=4)
+    ok(job, "OK map")
+
+
+def test_data_merge_order_and_single_engine(mpi_script):
+    job = mpi_script("""
+        from mpipub import Client, publish_data
+        c = Client()
+        def merge():
+            from mpipub import publish_data
+            publish_data({"a": 1, "b": "two"})
+            publish_data({"a": 3})
+            return "done"
+        ar = c[:].apply_async(merge)
+        assert ar.get(timeout=20) == ["done"] * 3
+        assert ar.data == [{"a": 3, "b": "two"}] * 3, ar.data
+        single = c[2].apply_async(merge)
+        single.get(timeout=20)
+        assert single.data == {"a": 3, "b": "two"}, single.data
+        # every publication arrives before the result: after get() data holds the last step
+        def loop(n):
+            import numpy as np
+            from mpipub import publish_data
+            for i in range(n):
+                publish_data({"i": i, "a": np.full(3000, i)})   # out-of-band (24 KB+)
+                publish_data({"j": i})                          # small, inline
+            return n
+        for rep in range(5):
+            ar = c[:].apply_async(loop, 200)
+            ar.get(timeout=60)
+            assert [d["i"] for d in ar.data] == [199] * 3, (rep, ar.data)
+            assert all(d["a"][0] == 199 for d in ar.data)
+            assert [d["j"] for d in ar.data] == [199] * 3
+            assert sum(1 for _ in ar.stream(timeout=5)) == 3 * 400
+            st = ar.stats
+            assert [st[e].publications for e in c.ids] == [400] * 3, st
+            assert all(st[e].last_step == 399 and st[e].bytes > 200 * 24000 for e in c.ids)
+            assert all(st[e].last_time is not None for e in c.ids)
+        print("OK merge")
+    """, nranks=4, timeout=120)
+    ok(job, "OK merge")
+
+
+def test_data_is_a_snapshot(mpi_script):
+    job = mpi_script("""
+        import threading, time
+        from mpipub import Client
+        c = Client()
+        def pairs(n):
+            from mpipub import publish_data
+            import numpy as np
+            for i in range(n):
+                publish_data({"x": i, "y": i, "v": np.full(10, i)})
+        ar = c[:].apply_async(pairs, 20000)
+        held = None
+        checks = 0
+        while not ar.ready():
+            for d in ar.data:
+                if d:
+                    assert d["x"] == d["y"] == d["v"][0], d     # never half-applied
+                    checks += 1
+            if held is None and ar.data[0]:
+                held = ar.data[0]
+                frozen = dict(held)
+        ar.get(timeout=60)
+        assert held == frozen, "a dict returned by ar.data changed later"
+        assert checks > 10, checks
+        print("OK snapshot", checks)
+    """, nranks=3, timeout=120)
+    ok(job, "OK snapshot")
+
+
+@pytest.mark.parametrize("n", [100, 40000, 1 << 20])
+def test_publish_copies_so_in_place_updates_arrive_as_they_were(mpi_script, n):
+    job = mpi_script(f"""
+        import numpy as np
+        from mpipub import Client
+        c = Client()
+        def mutate(steps, n):
+            import numpy as np
+            from mpipub import publish_data
+            a = np.zeros(n)
+            for i in range(steps):
+                a[:] = i
+                publish_data({{"a": a, "i": i}})
+                a[:] = -1          # changed right after the call returns
+            return steps
+        ar = c[:].apply_async(mutate, 30, {n})
+        got = {{}}
+        for p in ar.stream(timeout=60):
+            assert p.data["a"].shape == ({n},)
+            assert (p.data["a"] == p.data["i"]).all(), (p.engine, p.step, p.data["a"][:3])
+            assert p.step == p.data["i"]
+            got.setdefault(p.engine, []).append(p.step)
+        ar.get(timeout=60)
+        assert got == {{1: list(range(30)), 2: list(range(30))}}, got
+        print("OK copy")
+    """, nranks=3, timeout=120)
+    ok(job, "OK copy")
+
+
+def test_outstanding_sends_are_bounded_and_producer_waits(mpi_script):
+    # The client's I/O thread is held up on purpose (the user thread holds the lock it needs):
+    # the engine's sends pile up to the bound, publish_data waits, and nothing is lost.
+    job = mpi_script("""
+        import time
+        from mpipub import Client
+        c = Client()
+        def produce(steps):
+            import numpy as np
+            from mpipub import publish_data
+            from mpipub.engine import current_engine
+            ob = current_engine().outbox
+            a = np.ones(1 << 17)   # 1 MiB
+            peak = 0
+            for i in range(steps):
+                a[0] = i
+                publish_data({"a": a, "i": i})
+                peak = max(peak, ob.outstanding_bytes)
+            return peak, ob.max_bytes, ob.waited_s
+        ar = c[1].apply_async(produce, 64)
+        with ar._rec.cond:          # stall the I/O thread's bookkeeping for 2 s
+            time.sleep(2.0)
+        peak, bound, waited = ar.get(timeout=60)
+        assert peak <= bound, (peak, bound)
+        assert waited > 0.5, waited          # the producer was slowed down
+        steps = [p.step for p in ar.stream()]
+        assert steps == list(range(64)), steps
+        assert [p.data["a"][0] for p in ar.stream()] == list(range(64))
+        print("OK bounded", peak, bound, round(waited, 2))
+    """, nranks=2, timeout=120, env={"MPIPUB_MAX_OUTSTANDING_BYTES": str(8 << 20)})
+    ok(job, "OK bounded")
+
+
+def test_stream_stats_stdout_live(mpi_script):
+    job = mpi_script("""
+        import time
+        from mpipub import Client, Publication
+        c = Client()
+        def talk(n):
+            import sys, time
+            from mpipub import publish_data
+            print("hello from", n)
+            print("to stderr", file=sys.stderr)
+            for i in range(n):
+                publish_data({"i": i})
+                time.sleep(0.05)
+            time.sleep(1.0)
+            print("bye")
+            return n
+        ar = c[:].apply_async(talk, 10)
+        # stdout is forwarded while the task runs, not only at the end
+        t0 = time.time()
+        while "hello" not in ar.stdout[0] and time.time() - t0 < 10:
+            time.sleep(0.02)
+        assert not ar.ready(), "stdout arrived only with the result"
+        first = next(iter(ar.stream(timeout=10)))
+        assert isinstance(first, Publication) and first.step == 0
+        pubs = list(ar.stream(timeout=20))
+        assert ar.ready()
+        assert len(pubs) == 20
+        for e in c.ids:
+            mine = [p for p in pubs if p.engine == e]
+            assert [p.step for p in mine] == list(range(10))
+            assert [p.data for p in mine] == [{"i": i} for i in range(10)]
+            assert all(p.received >= p.time - 1 for p in mine)
+        assert ar.stdout == ["hello from 10\\nbye\\n"] * 2, ar.stdout
+        assert ar.stderr == ["to stderr\\n"] * 2, ar.stderr
+        st = ar.stats
+        assert st[1].publications == 10 and st[1].last_step == 9 and st[1].lag is not None
+        print("OK stream")
+    """, nranks=3, timeout=60)
+    ok(job, "OK stream")
+    # engine output is also echoed to the job's own stdout (the terminal under mpiexec)
+    assert job.stdout.count("hello from 10") >= 2
+
+
+def test_waits_timeouts_and_progress(mpi_script):
+    job = mpi_script("""
+        import time
+        from mpipub import Client, MpipubError
+        c = Client()
+        def slow(t):
+            import time
+            from mpipub import publish_data
+            for i in range(int(t / 0.05)):
+                publish_data({"i": i}); time.sleep(0.05)
+            return t
+        ar = c[:].apply_async(slow, 1.0)
+        assert ar.wait(0.05) is False
+        try:
+            ar.get(timeout=0.05)
+        except TimeoutError as e:
+            assert "not done" in str(e)
+        else:
+            raise AssertionError("no TimeoutError")
+        try:
+            ar.successful()
+        except MpipubError:
+            pass
+        else:
+            raise AssertionError("successful() before ready")
+        ar.wait_interactive(interval=0.05)
+        assert ar.ready() and ar.get() == [1.0, 1.0]
+        print("OK waits")
+    """, nranks=3, timeout=60)
+    ok(job, "OK waits")
+    assert "task 1" in job.stderr and "engine" in job.stderr, job.stderr  # the progress bar
+
+
+def test_engine_comm_collectives(mpi_script):
+    job = mpi_script("""
+        from mpipub import Client, engine_comm, MpipubError
+        c = Client()
+        def halo():
+            from mpipub import engine_comm
+            from mpi4py import MPI
+            comm = engine_comm()
+            r, n = comm.Get_rank(), comm.Get_size()
+            right = comm.sendrecv(MPI.COMM_WORLD.Get_rank(), dest=(r + 1) % n,
+                                  source=(r - 1) % n)
+            return n, comm.allreduce(MPI.COMM_WORLD.Get_rank()), right
+        res = c[:].apply_sync(halo)
+        assert [r[:2] for r in res] == [(5, 15)] * 5, res
+        assert [r[2] for r in res] == [5, 1, 2, 3, 4], res
+        try:
+            engine_comm()
+        except MpipubError as e:
+            assert "rank 0" in str(e)
+        else:
+            raise AssertionError("engine_comm() on rank 0")
+        print("OK comm")
+    """, nranks=6, timeout=60)
+    ok(job, "OK comm")
+
+
+def test_nine_ranks_and_mpipub_run(tmp_path):
+    script = tmp_path / "nine.py"
+    script.write_text(
+        "import sys\n"
+        "from mpipub import Client\n"
+        "c = Client()\n"
+        "def f(k):\n"
+        "    from mpipub import publish_data\n"
+        "    for i in range(k):\n"
+        "        publish_data({'i': i})\n"
+        "    return k\n"
+        "ar = c[:].apply_async(f, int(sys.argv[1]))\n"
+        "assert ar.get(timeout=60) == [int(sys.argv[1])] * len(c)\n"
+        "assert [d['i'] for d in ar.data] == [int(sys.argv[1]) - 1] * len(c)\n"
+        "print('OK nine', sys.argv[1:], c.ids)\n"
+        "sys.exit(int(sys.argv[2]))\n")
+    job = run_mpi(9, ["-m", "mpipub", "run", str(script), "50", "0"], timeout=120)
+    ok(job, "OK nine ['50', '0'] [1, 2, 3, 4, 5, 6, 7, 8]")
+    job = run_mpi(3, ["-m", "mpipub", "run", str(script), "5", "4"], timeout=60)
+    assert job.returncode == 4, job.output  # the script's exit status
+
+
+def test_console_script_run(tmp_path):
+    import os
+    import shutil
+    exe = shutil.which("mpipub", path=os.path.dirname(sys.executable))
+    if exe is None:
+        pytest.skip("mpipub console script not installed (package not pip-installed)")
+    script = tmp_path / "s.py"
+    script.write_text("import sys\nfrom mpipub import Client\n"
+                      "print('OK console', Client().ids, sys.argv[1:])\n")
+    from conftest import MPIEXEC, finish
+    import subprocess
+    proc = subprocess.Popen([MPIEXEC, "-n", "3", exe, "run", str(script), "--flag", "x"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    job = finish(proc, 60)
+    ok(job, "OK console [1, 2] ['--flag', 'x']")
