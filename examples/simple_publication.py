@@ -20,6 +20,7 @@ view = rc[:]
 def simple_publication(steps, interval):
     """Simple publication function: publishes a number every interval."""
     import time
+
     from mpipub.datapub import publish_data
 
     for i in range(steps):

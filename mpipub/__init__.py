@@ -9,6 +9,7 @@ from .asyncresult import AsyncMapResult, AsyncResult, EngineStats, Publication
 from .client import Client, DirectView
 from .datapub import engine_comm, publish_data
 from .errors import CompositeError, LaunchError, MpipubError, PublishError, RemoteError, TaskAborted
+from .reader import Run, open
 
 __version__ = "0.1.0"
 
@@ -24,7 +25,9 @@ __all__ = [
     "Publication",
     "PublishError",
     "RemoteError",
+    "Run",
     "TaskAborted",
     "engine_comm",
+    "open",
     "publish_data",
 ]

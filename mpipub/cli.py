@@ -15,6 +15,12 @@ def _parser() -> argparse.ArgumentParser:
                        "script.py [args]. The script runs on rank 0 only.")
     r.add_argument("--sink", metavar="PATH", help="store every publication in this HDF5 file")
     r.add_argument("--sink-overwrite", action="store_true", help="replace an existing sink file")
+    r.add_argument("--sink-flush", type=float, metavar="S", help="sink flush interval (s)")
+    r.add_argument("--sink-compression", metavar="NAME", help="gzip, lzf (or hdf5plugin's)")
+    r.add_argument("--sink-include", action="append", metavar="PATTERN",
+                   help="store only keys matching this fnmatch pattern (repeatable)")
+    r.add_argument("--sink-exclude", action="append", metavar="PATTERN",
+                   help="do not store keys matching this pattern (repeatable)")
     r.add_argument("script")
     r.add_argument("args", nargs=argparse.REMAINDER)
     try:
@@ -33,7 +39,22 @@ def main(argv: list[str] | None = None) -> int:
         from .runner import run_script
 
         opts = {"overwrite": True} if args.sink_overwrite else {}
-        return run_script(args.script, args.args, sink=args.sink, sink_options=opts)
+        for name, opt in (("sink_flush", "flush_interval"), ("sink_compression", "compression"),
+                          ("sink_include", "include"), ("sink_exclude", "exclude")):
+            if getattr(args, name, None) is not None:
+                opts[opt] = getattr(args, name)
+        if opts and not args.sink:
+            sys.stderr.write("mpipub run: sink options need --sink PATH\n")
+            return 2
+        try:
+            return run_script(args.script, args.args, sink=args.sink, sink_options=opts)
+        except Exception as exc:  # noqa: BLE001 - e.g. the sink file exists: one line
+            from .errors import MpipubError
+
+            if not isinstance(exc, MpipubError):
+                raise
+            sys.stderr.write(f"mpipub run: {exc}\n")
+            return 2
     return args.func(args)
 
 

@@ -14,7 +14,8 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Callable
 
 import cloudpickle
 
@@ -29,7 +30,7 @@ from .iothread import IOThread
 #: How long ``close()`` waits for engines to stop before it aborts the MPI job.
 CLOSE_TIMEOUT_S = float(os.environ.get("MPIPUB_CLOSE_TIMEOUT_S", "10"))
 
-_runtime: "_Runtime | None" = None
+_runtime: _Runtime | None = None
 _runtime_lock = threading.Lock()
 
 
@@ -231,7 +232,9 @@ class Client:
         if sink is not None:
             from .sink import Sink
 
-            self._rt.sinks.append(Sink(sink, world, **sink_options))
+            snk = Sink(sink, world, **sink_options)
+            snk.runtime = self._rt  # so a failing sink can tell the engines (abort)
+            self._rt.sinks.append(snk)
         elif sink_options:
             raise TypeError(f"sink options {sorted(sink_options)} given without sink=PATH")
 
@@ -243,11 +246,12 @@ class Client:
     def __len__(self) -> int:
         return len(self._rt.ids)
 
-    def __getitem__(self, key) -> "DirectView":
+    def __getitem__(self, key) -> DirectView:
         return DirectView(self._rt, _targets(key, self._rt.ids))
 
     def __repr__(self) -> str:
-        return f"<mpipub.Client: {len(self)} engines {self.ids[:8]}{'...' if len(self) > 8 else ''}>"
+        more = "..." if len(self) > 8 else ""
+        return f"<mpipub.Client: {len(self)} engines {self.ids[:8]}{more}>"
 
     @property
     def hosts(self) -> dict[int, str]:
@@ -258,7 +262,7 @@ class Client:
         """Stop the engines (aborting running tasks) and the client's I/O thread."""
         self._rt.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -39,7 +39,8 @@ class RemoteError(MpipubError):
         return f"engine {self.engine_id} ({self.host}) raised {self.ename}: {self.evalue}"
 
     def __str__(self) -> str:
-        return f"{self._summary()}\n--- remote traceback (engine {self.engine_id}) ---\n{self.traceback}"
+        head = f"--- remote traceback (engine {self.engine_id}) ---"
+        return f"{self._summary()}\n{head}\n{self.traceback}"
 
     def __reduce__(self):
         return (type(self), (self.engine_id, self.host, self.ename, self.evalue, self.traceback))
@@ -59,7 +60,8 @@ class CompositeError(RemoteError):
 
     def __str__(self) -> str:
         lines = [self._summary() + ":"]
-        lines += [f"  [engine {e.engine_id} on {e.host}] {e.ename}: {e.evalue}" for e in self.errors]
+        lines += [f"  [engine {e.engine_id} on {e.host}] {e.ename}: {e.evalue}"
+                  for e in self.errors]
         lines.append(f"--- remote traceback (engine {self.engine_id}) ---\n{self.traceback}")
         return "\n".join(lines)
 

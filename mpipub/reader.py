@@ -1,0 +1,365 @@
+"""Reading sink files: ``mpipub.open(path)`` -> ``Run``. Works on a finished file and on one
+being written (``refresh()`` picks up what was written since). Nothing is unpickled: values
+are rebuilt from datasets and their ``kind`` attribute (see ``mpipub.layout``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import h5py
+import numpy as np
+
+from . import layout as L
+from .errors import MpipubError
+
+
+class SinkFileError(MpipubError):
+    """A path that is not a readable mpipub sink file."""
+
+
+class _Leaf:
+    __slots__ = ("ds", "idx", "kind", "version", "_steps", "_f")
+
+    def __init__(self, f, ds, idx, kind, version):
+        self._f, self.ds, self.idx, self.kind, self.version = f, ds, idx, kind, version
+        self._steps = None
+
+    def steps(self) -> np.ndarray:
+        if self._steps is None:
+            d, i = self._f[self.ds], self._f[self.idx]
+            n = min(d.shape[0], i.shape[0])
+            self._steps = np.asarray(i[:n])
+        return self._steps
+
+    def rows(self):
+        return self._f[self.ds][: len(self.steps())]
+
+    def row(self, pos: int):
+        return L.to_python(self.kind, self._f[self.ds][pos])
+
+    def values(self) -> list:
+        return [L.to_python(self.kind, r) for r in self.rows()]
+
+
+class EngineData:
+    """One engine's part of one task: steps, times and the stored leaves."""
+
+    def __init__(self, f, group: str):
+        self._f = f
+        g = f[group]
+        self.group = group
+        self.rank = int(g.attrs.get("rank", -1))
+        self.host = str(g.attrs.get("host", ""))
+        n = min(g["step"].shape[0], g["time"].shape[0], g["received"].shape[0])
+        self.steps = np.asarray(g["step"][:n])
+        self.times = np.asarray(g["time"][:n])
+        self.received = np.asarray(g["received"][:n])
+        self.leaves: dict[tuple, list[_Leaf]] = {}
+        if "data" in g:
+            self._scan(g["data"], f"{group}/data", f"{group}/steps", ())
+        for v in self.leaves.values():
+            v.sort(key=lambda lf: (lf.steps()[0] if len(lf.steps()) else 1 << 62))
+
+    def _scan(self, grp, dpath, spath, prefix):
+        for name, obj in grp.items():
+            key = prefix + (L.unescape(name),)
+            if isinstance(obj, h5py.Group):
+                self._scan(obj, f"{dpath}/{name}", f"{spath}/{name}", key)
+            else:
+                self.leaves.setdefault(key, []).append(
+                    _Leaf(self._f, f"{dpath}/{name}", f"{spath}/{name}",
+                          str(obj.attrs.get("kind", "array")), int(obj.attrs.get("version", 0))))
+
+    @property
+    def keys(self) -> list[str]:
+        first: dict[str, int] = {}
+        for path, leaves in self.leaves.items():
+            s = min((int(lf.steps()[0]) for lf in leaves if len(lf.steps())), default=1 << 62)
+            first[path[0]] = min(first.get(path[0], 1 << 62), s)
+        return sorted(first, key=lambda k: first[k])  # stable: file (creation) order
+
+    def _under(self, key: tuple):
+        return [(p, lf) for p, lfs in self.leaves.items() if p[: len(key)] == key for lf in lfs]
+
+    def value_at(self, key: tuple, step: int):
+        """Value of ``key`` published at ``step``, or KeyError."""
+        found = False
+        out: Any = None
+        for p, lf in self._under(key):
+            st = lf.steps()
+            i = int(np.searchsorted(st, step))
+            if i < len(st) and st[i] == step:
+                v = lf.row(i)
+                if len(p) == len(key):
+                    return v
+                found = True
+                if out is None:
+                    out = {}
+                d = out
+                for k in p[len(key):-1]:
+                    d = d.setdefault(k, {})
+                d[p[-1]] = v
+        if not found:
+            raise KeyError(key)
+        return out
+
+    def last_step(self, key: tuple) -> int | None:
+        s = [int(lf.steps()[-1]) for _, lf in self._under(key) if len(lf.steps())]
+        return max(s) if s else None
+
+    def data(self) -> dict:
+        out = {}
+        for k in self.keys:
+            s = self.last_step((k,))
+            if s is not None:
+                out[k] = self.value_at((k,), s)
+        return out
+
+    def data_at(self, step: int) -> dict | None:
+        if not len(self.steps) or step not in set(self.steps.tolist()):
+            return None
+        out = {}
+        for k in self.keys:
+            try:
+                out[k] = self.value_at((k,), step)
+            except KeyError:
+                pass
+        return out
+
+    def series(self, key: tuple):
+        """(steps, values): values stacked with the step first when they allow it."""
+        items = self._under(key)
+        if not items:
+            raise KeyError(key)
+        exact = [lf for p, lf in items if len(p) == len(key)]
+        if len(items) == 1 and len(exact) == 1:
+            lf = exact[0]
+            st = lf.steps()
+            if lf.kind in ("array", "npscalar", "int", "float", "bool", "complex"):
+                return st, np.asarray(lf.rows())
+            return st, lf.values()
+        steps = sorted({int(s) for _, lf in items for s in lf.steps()})
+        return np.asarray(steps, dtype=np.int64), [self.value_at(key, s) for s in steps]
+
+
+class TaskData:
+    """One task in a sink file: ``engines``, ``keys``, ``data``, ``data_at(step)``,
+    ``run[key]``, ``steps(key)``."""
+
+    def __init__(self, f, group: str):
+        g = f[group]
+        a = g.attrs
+        self.group = group
+        self.task_id = int(a.get("task_id", 0))
+        self.label = str(a.get("label", ""))
+        self.function = str(a.get("function", ""))
+        self.args = str(a.get("args", ""))
+        self.kwargs = str(a.get("kwargs", ""))
+        self.start = float(a.get("start", np.nan))
+        self.end = float(a.get("end", np.nan))
+        self._eng: dict[int, EngineData] = {}
+        for name in g:
+            if name.startswith("engine_"):
+                e = EngineData(f, f"{group}/{name}")
+                self._eng[e.rank] = e
+        self.engines = sorted(self._eng)
+
+    def __repr__(self) -> str:
+        return f"<mpipub task {self.task_id} {self.label} engines {self.engines}>"
+
+    def engine(self, e: int) -> EngineData:
+        return self._eng[e]
+
+    @property
+    def keys(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for e in self.engines:
+            for k in self._eng[e].keys:
+                seen.setdefault(k, None)
+        return list(seen)
+
+    @property
+    def data(self) -> list[dict]:
+        """Latest value of every key, per engine (engine order), like ``AsyncResult.data``."""
+        return [self._eng[e].data() for e in self.engines]
+
+    def data_at(self, step: int) -> list[dict | None]:
+        """What each engine published at ``step`` (None where it did not publish that step)."""
+        return [self._eng[e].data_at(int(step)) for e in self.engines]
+
+    def _key(self, key) -> tuple:
+        if isinstance(key, tuple):
+            return key
+        if key in self.keys or "/" not in key:
+            return (key,)
+        return tuple(key.split("/"))
+
+    def __getitem__(self, key) -> list:
+        """Per engine: the key's values with the step as first axis (a numpy array when every
+        step has the same dtype and shape, else a list); engines without it give None."""
+        k = self._key(key)
+        out = []
+        found = False
+        for e in self.engines:
+            try:
+                out.append(self._eng[e].series(k)[1])
+                found = True
+            except KeyError:
+                out.append(None)
+        if not found:
+            raise KeyError(f"no key {key!r} in task {self.task_id} (keys: "
+                           f"{', '.join(self.keys) or 'none'})")
+        return out
+
+    def steps(self, key=None) -> list[np.ndarray]:
+        """Per engine: all publication steps, or the steps at which ``key`` was published."""
+        if key is None:
+            return [self._eng[e].steps for e in self.engines]
+        k = self._key(key)
+        out = []
+        for e in self.engines:
+            try:
+                out.append(self._eng[e].series(k)[0])
+            except KeyError:
+                out.append(np.zeros(0, np.int64))
+        return out
+
+    @property
+    def times(self) -> list[np.ndarray]:
+        """Per engine: publish time (engine clock, unix seconds) of every publication."""
+        return [self._eng[e].times for e in self.engines]
+
+
+class Run:
+    """A sink file. Its properties and indexing refer to the latest task (or the one chosen
+    with ``open(path, task=T)``); ``run.task(T)`` gives any task."""
+
+    def __init__(self, path, task: int | None = None, retry_s: float = 5.0):
+        self.path = os.fspath(path)
+        self._task = task
+        self._retry_s = retry_s
+        self._f = None
+        self._tasks: dict[int, TaskData] = {}
+        self.refresh()
+
+    # -- file -----------------------------------------------------------------------------------
+    def _open_file(self):
+        p = self.path
+        if not os.path.exists(p):
+            raise SinkFileError(f"{p}: no such file")
+        if os.path.isdir(p):
+            raise SinkFileError(f"{p}: is a directory, not an HDF5 file")
+        if not h5py.is_hdf5(p):
+            raise SinkFileError(f"{p}: not an HDF5 file")
+        try:
+            f = h5py.File(p, "r", swmr=True, locking=False)
+        except OSError:
+            f = h5py.File(p, "r", locking=False)
+        if "mpipub_format" not in f.attrs:
+            f.close()
+            raise SinkFileError(f"{p}: an HDF5 file, but not an mpipub sink file")
+        return f
+
+    def refresh(self) -> Run:
+        """Reopen the file and pick up tasks, keys and steps written since."""
+        deadline = time.monotonic() + self._retry_s
+        while True:
+            old = self._f
+            try:
+                if old is not None:
+                    old.close()
+                    self._f = None
+                f = self._open_file()
+                tasks = {}
+                for name in f:
+                    if name.startswith("task_"):
+                        t = TaskData(f, name)
+                        tasks[t.task_id] = t
+                self._f, self._tasks = f, tasks
+                return self
+            except SinkFileError:
+                raise
+            except (OSError, KeyError, RuntimeError, ValueError) as exc:
+                # the writer may be creating objects right now (outside SWMR mode): retry
+                if time.monotonic() > deadline:
+                    raise SinkFileError(f"{self.path}: cannot read the file: {exc}") from None
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<mpipub.Run {self.path}: tasks {self.tasks}>"
+
+    # -- contents -------------------------------------------------------------------------------
+    @property
+    def attrs(self) -> dict:
+        a = dict(self._f.attrs)
+        if "hosts" in a:
+            a["hosts"] = json.loads(a["hosts"])
+        return a
+
+    @property
+    def closed_cleanly(self) -> bool:
+        """True once the writer has closed the file (the job ended)."""
+        return "closed" in self._f.attrs
+
+    @property
+    def tasks(self) -> list[int]:
+        return sorted(self._tasks)
+
+    def task(self, task_id: int | None = None) -> TaskData:
+        if task_id is None:
+            task_id = self._task
+        if task_id is None:
+            if not self._tasks:
+                raise KeyError(f"{self.path}: no tasks in the file (yet)")
+            return self._tasks[max(self._tasks)]
+        try:
+            return self._tasks[int(task_id)]
+        except KeyError:
+            raise KeyError(f"no task {task_id} in {self.path} (tasks: "
+                           f"{', '.join(map(str, self.tasks)) or 'none'})") from None
+
+    @property
+    def engines(self) -> list[int]:
+        return self.task().engines
+
+    @property
+    def keys(self) -> list[str]:
+        return self.task().keys
+
+    @property
+    def data(self) -> list[dict]:
+        return self.task().data
+
+    def data_at(self, step: int) -> list[dict | None]:
+        return self.task().data_at(step)
+
+    def __getitem__(self, key) -> list:
+        return self.task()[key]
+
+    def steps(self, key=None) -> list[np.ndarray]:
+        return self.task().steps(key)
+
+    @property
+    def times(self) -> list[np.ndarray]:
+        return self.task().times
+
+
+def open(path, task: int | None = None) -> Run:  # noqa: A001 - mpipub.open, like h5py.File
+    """Open a sink file (finished or being written). ``task``: the task that ``run.data``,
+    ``run[key]`` etc. refer to (default: the latest)."""
+    return Run(path, task)

@@ -1,0 +1,393 @@
+"""The HDF5 sink: real files, real mpiexec jobs (see docs/sink.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import PYTHON, finish, kill_group, mpi_env, start_mpi
+
+pytestmark = pytest.mark.timeout(120)
+
+SIM = """
+import sys, time, json
+import numpy as np
+import mpipub
+from mpipub import Client, publish_data, PublishError
+
+def sim(n, delay=0.0):
+    a = np.zeros((4, 3))
+    for i in range(n):
+        a[...] = i            # the same array, changed in place between publishes
+        d = {"a": a, "i": i, "x": float(i) / 3, "s": f"s{i}", "b": bytes([i % 256, 0, 7]),
+             "cfg": {"k": np.int16(i), "deep": {"flag": i % 2 == 0}},
+             "fs": np.array([b"ab", b"c"]), "z": np.arange(3) + 1j}
+        if i >= 5:
+            d["late"] = np.full(i % 4 + 1, i, dtype=np.float32)   # late, shape changes
+        if i == 7:
+            d["late"] = "text"                                    # and kind changes
+        publish_data(d)
+        if delay:
+            time.sleep(delay)
+    return n
+"""
+
+
+def _script(tmp_path, name, body):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(SIM) + textwrap.dedent(body))
+    return p
+
+
+def _check_sim_engine(g, n):
+    """Exact check of one engine group written by ``sim`` with plain h5py."""
+    assert g["step"][:].tolist() == list(range(n))
+    assert np.all(np.diff(g["time"][:]) >= 0) and np.all(g["received"][:] >= g["time"][:] - 1)
+    a = g["data/a"][:]
+    assert a.shape == (n, 4, 3) and a.dtype == np.float64
+    assert np.array_equal(a, np.broadcast_to(np.arange(n)[:, None, None], (n, 4, 3)))
+    assert g["steps/a"][:].tolist() == list(range(n))
+    assert g["data/i"][:].tolist() == list(range(n))
+    assert np.array_equal(g["data/x"][:], np.arange(n) / 3)
+    assert [v.decode() for v in g["data/s"][:]] == [f"s{i}" for i in range(n)]
+    assert [bytes(v) for v in g["data/b"][:]] == [bytes([i % 256, 0, 7]) for i in range(n)]
+    assert g["data/cfg/k"].dtype == np.int16 and g["data/cfg/k"][:].tolist() == list(range(n))
+    assert g["data/cfg/deep/flag"][:].tolist() == [i % 2 == 0 for i in range(n)]
+    assert g["data/fs"][0].tolist() == [b"ab", b"c"]
+    assert np.array_equal(g["data/z"][n - 1], np.arange(3) + 1j)
+
+
+def test_every_step_exact_late_keys_and_refused_values(mpi_script, tmp_path):
+    sink = tmp_path / "run.h5"
+    job = mpi_script(SIM + f"""
+def bad():
+    publish_data({{"ok": 1}})
+    try:
+        publish_data({{"obj": object()}})
+    except PublishError as e:
+        return str(e)
+    return "not refused"
+
+c = Client(sink={str(sink)!r}, flush_interval=0.2)
+ar = c[:].apply_async(sim, 60)
+ar.get(timeout=60)
+print("DATA", repr(ar.data[0]["i"]), repr(ar.data[0]["late"]))
+print("BAD", c[1].apply_sync(bad))
+c.close()
+""", nranks=3, timeout=90)
+    assert job.returncode == 0, job.output
+    assert "DATA 59 array([59., 59., 59., 59.], dtype=float32)" in job.stdout
+    assert "cannot store key 'obj'" in job.stdout and "object" in job.stdout
+    with h5py.File(sink, "r") as f:
+        assert f.attrs["mpipub_format"] == 1 and "closed" in f.attrs
+        t = f["task_0001"]
+        assert t.attrs["function"] == "sim" and t.attrs["args"] == "(60,)"
+        assert t.attrs["end"] >= t.attrs["start"]
+        for e in (1, 2):
+            g = t[f"engine_{e}"]
+            assert g.attrs["rank"] == e
+            _check_sim_engine(g, 60)
+            # late key with changing shapes/kinds: one dataset per signature, steps tell which
+            got = {}
+            for name in g["data"]:
+                if name.split("@")[0] == "late":
+                    for st, v in zip(g[f"steps/{name}"][:], g[f"data/{name}"][:]):
+                        got[int(st)] = v
+            assert sorted(got) == list(range(5, 60))
+            assert got[7] == b"text"
+            assert np.array_equal(got[9], np.full(2, 9, np.float32))
+        assert f["task_0002/engine_1/data/ok"][:].tolist() == [1]
+        assert "obj" not in f["task_0002/engine_1/data"]
+
+    import mpipub
+
+    with mpipub.open(sink) as run:
+        assert run.tasks == [1, 2]
+        t = run.task(1)
+        assert t.engines == [1, 2]
+        assert {"a", "i", "x", "s", "b", "cfg", "late", "fs", "z"} <= set(t.keys)
+        d = t.data[1]
+        assert d["i"] == 59 and type(d["i"]) is int and d["s"] == "s59"
+        assert d["cfg"] == {"k": np.int16(59), "deep": {"flag": False}}
+        assert type(d["cfg"]["k"]) is np.int16 and d["b"] == bytes([59, 0, 7])
+        at7 = t.data_at(7)[0]
+        assert at7["late"] == "text" and at7["x"] == 7 / 3
+        assert "late" not in t.data_at(3)[0]
+        assert t.data_at(1000) == [None, None]
+        a = t["a"][0]
+        assert a.shape == (60, 4, 3) and a[17, 2, 1] == 17
+        late = t["late"][1]
+        assert isinstance(late, list) and len(late) == 55 and late[2] == "text"
+        assert t.steps("late")[0].tolist() == list(range(5, 60))
+
+
+def _wait_for(pred, timeout, what):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _steps_in(path):
+    try:
+        with h5py.File(path, "r", swmr=True, locking=False) as f:
+            return f["task_0001/engine_1/step"].shape[0]
+    except Exception:  # noqa: BLE001 - not there yet
+        return 0
+
+
+def _has_task(path):
+    try:
+        with h5py.File(path, "r", swmr=True, locking=False) as f:
+            return "task_0001/engine_2/data/a" in f
+    except Exception:  # noqa: BLE001 - not there yet
+        return False
+
+
+READER = """
+import sys, time, h5py
+for _ in range(50):  # the writer may be creating objects (outside SWMR mode): retry
+    try:
+        f = h5py.File(sys.argv[1], "r", swmr=True, locking=False)
+        break
+    except OSError:
+        time.sleep(0.1)
+d = f["task_0001/engine_1/data/a"]
+seen = []
+for _ in range(8):
+    d.refresh()
+    seen.append(d.shape[0])
+    time.sleep(0.25)
+n = seen[-1]
+ok = all(float(d[i, 0, 0]) == i for i in range(n))
+print(seen, ok)
+"""
+
+
+def test_swmr_live_reading_then_sigkill(tmp_path):
+    sink = tmp_path / "live.h5"
+    script = _script(tmp_path, "live.py", f"""
+c = Client(sink={str(sink)!r}, flush_interval=0.2)
+c[:].apply_async(sim, 100000, 0.005).get()
+""")
+    proc = start_mpi(3, [str(script)], cwd=tmp_path)
+    try:
+        _wait_for(lambda: _steps_in(sink) > 20, 40, "first flushed steps")
+        # a plain h5py reader in another process sees the dataset grow, values exact
+        r = subprocess.run([PYTHON, "-c", READER, str(sink)], capture_output=True, text=True,
+                           timeout=30, env=mpi_env())
+        assert r.returncode == 0, r.stderr
+        seen, ok = r.stdout.rsplit("]", 1)
+        seen = json.loads(seen + "]")
+        assert ok.strip() == "True", r.stdout + r.stderr
+        assert seen[-1] > seen[0], seen
+        # mpipub.open in this process: refresh() picks up new steps
+        import mpipub
+
+        run = mpipub.open(sink)
+        n0 = len(run.steps()[0])
+        time.sleep(0.6)
+        n1 = len(run.refresh().steps()[0])
+        run.close()
+        assert n1 > n0 > 0
+        time.sleep(0.5)
+        t_kill = time.time()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        kill_group(proc)
+        proc.communicate()
+    # the file opens with plain h5py (in SWMR-read mode: the killed writer left its SWMR
+    # flags set; `h5clear -s` clears them for other tools); every flushed step is there
+    with h5py.File(sink, "r", swmr=True) as f:
+        assert "closed" not in f.attrs
+        for e in (1, 2):
+            g = f[f"task_0001/engine_{e}"]
+            n = min(g["step"].shape[0], g["data/a"].shape[0], g["steps/a"].shape[0])
+            assert n > n1 // 2
+            assert g["step"][:n].tolist() == list(range(n))
+            a = g["data/a"][:n]
+            assert np.array_equal(a[:, 0, 0], np.arange(n))
+            assert g["time"][n - 1] > t_kill - 0.2 - 1.0, "more than a flush interval lost"
+    run = __import__("mpipub").open(sink)
+    assert len(run.steps()[0]) > 0 and run.data[0]["i"] == len(run.steps()[0]) - 1
+    run.close()
+
+
+def test_sigterm_flushes_and_closes(tmp_path):
+    sink = tmp_path / "term.h5"
+    script = _script(tmp_path, "term.py", "c = Client(); c[:].apply_async(sim, 100000, 0.005)"
+                     ".get()\n")
+    proc = start_mpi(3, ["-m", "mpipub", "run", "--sink", str(sink), "--sink-flush", "5",
+                         str(script)], cwd=tmp_path)
+    try:
+        _wait_for(lambda: _has_task(sink), 40, "the job to start")
+        time.sleep(1.5)
+        os.kill(proc.pid, signal.SIGTERM)  # what scancel sends (mpiexec forwards it)
+        job = finish(proc, 30)
+    finally:
+        kill_group(proc)
+    with h5py.File(sink, "r") as f:
+        assert "closed" in f.attrs, job.output
+        for e in (1, 2):
+            g = f[f"task_0001/engine_{e}"]
+            n = g["step"].shape[0]
+            assert n > 10, job.output  # flush interval 5 s: these came from the clean close
+            assert g["step"][:].tolist() == list(range(n))
+            assert np.array_equal(g["data/a"][:, 3, 2], np.arange(n))
+        assert f["task_0001"].attrs["end"] > 0
+
+
+def test_backpressure_slow_writer(mpi_script, tmp_path):
+    sink = tmp_path / "slow.h5"
+    job = mpi_script(f"""
+import time, numpy as np
+from mpipub import Client, publish_data
+from mpipub.sink import Sink
+
+def fast(n):
+    a = np.zeros(2048)          # 16 KiB per step
+    t0 = time.perf_counter()
+    for i in range(n):
+        a[0] = i
+        publish_data({{"a": a}})
+    return time.perf_counter() - t0
+
+c = Client(sink={str(sink)!r}, _delay_s=0.001, max_queue_items=50, max_queue_bytes=1 << 20)
+snk = c._rt.sinks[0]
+t0 = time.perf_counter()
+took = c[:].apply_sync(fast, 1500)
+print("ENGINE_S", min(took), "PEAK", snk.peak_queue_items, snk.peak_queue_bytes)
+c.close()
+print("TOTAL_S", time.perf_counter() - t0, "WRITTEN", snk.written)
+""", nranks=3, timeout=100)
+    assert job.returncode == 0, job.output
+    out = job.stdout.split()
+    engine_s = float(out[out.index("ENGINE_S") + 1])
+    peak_items = int(out[out.index("PEAK") + 1])
+    peak_bytes = int(out[out.index("PEAK") + 2])
+    # the writer needs >= 3000 * 1 ms; the engines (outbox bound 1024 messages each) can only
+    # run ahead by their bound plus the queue, so publish_data must have waited
+    assert engine_s > 0.8, job.stdout
+    assert peak_items <= 50 and peak_bytes <= (1 << 20) + 20000, job.stdout
+    assert "WRITTEN 3000" in job.stdout
+    with h5py.File(sink, "r") as f:
+        for e in (1, 2):
+            g = f[f"task_0001/engine_{e}"]
+            assert g["step"][:].tolist() == list(range(1500))
+            assert np.array_equal(g["data/a"][:, 0], np.arange(1500))
+
+
+def _cli(*args, timeout=60):
+    return subprocess.run([PYTHON, "-m", "mpipub", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=mpi_env())
+
+
+def test_cli_run_info_plot_watch_and_errors(tmp_path):
+    from conftest import run_mpi
+
+    sink = tmp_path / "cli.h5"
+    script = _script(tmp_path, "cli.py", """
+c = Client()
+c[:].apply_sync(sim, 30)
+def img():
+    for i in range(3):
+        publish_data({"field": np.outer(np.arange(16), np.arange(12)) * (i + 1),
+                      "skipme": 1})
+c[:].apply_sync(img)
+""")
+    job = run_mpi(4, ["-m", "mpipub", "run", "--sink", sink, "--sink-compression", "gzip",
+                      "--sink-exclude", "skip*", script], timeout=90, cwd=tmp_path)
+    assert job.returncode == 0, job.output
+    with h5py.File(sink, "r") as f:
+        assert f["task_0002/engine_3/data/field"].compression == "gzip"
+        assert "skipme" not in f["task_0002/engine_3/data"]
+        _check_sim_engine(f["task_0001/engine_3"], 30)
+
+    # an existing file is refused, one line, no traceback, and left intact
+    before = sink.stat().st_size, sink.stat().st_mtime
+    job = run_mpi(2, ["-m", "mpipub", "run", "--sink", sink, script], timeout=60, cwd=tmp_path)
+    assert job.returncode != 0 and "already exists" in job.stderr
+    assert "Traceback" not in job.output
+    assert (sink.stat().st_size, sink.stat().st_mtime) == before
+    job = run_mpi(2, ["-m", "mpipub", "run", "--sink", tmp_path / "no" / "x.h5", script],
+                  timeout=60, cwd=tmp_path)
+    assert job.returncode != 0 and "does not exist" in job.stderr
+    assert "Traceback" not in job.output
+
+    r = _cli("info", sink)
+    assert r.returncode == 0, r.stderr
+    assert "task 1: sim() function=sim args=(30,)" in r.stdout
+    assert "engine 2" in r.stdout and "30 publications, steps 0..29" in r.stdout
+    assert "a: float64(4, 3) array x30" in r.stdout and "cfg/k: int16() npscalar x30" in r.stdout
+
+    import matplotlib.image as mpimg
+
+    png = tmp_path / "f.png"
+    r = _cli("plot", sink, "--key", "field", "--step", 1, "-o", png)
+    assert r.returncode == 0, r.stderr
+    img = mpimg.imread(png)
+    assert img.shape[1] > 3 * img.shape[0] // 2  # three panels side by side
+    assert img[..., :3].std() > 0.05 and len(np.unique(img.reshape(-1, img.shape[-1]),
+                                                       axis=0)) > 50
+    png2 = tmp_path / "x.png"
+    r = _cli("plot", sink, "--key", "x", "--task", 1, "-o", png2)
+    assert r.returncode == 0 and mpimg.imread(png2)[..., :3].std() > 0.05
+
+    r = _cli("watch", sink, "--interval", 0.1, timeout=30)
+    assert r.returncode == 0 and "run ended" in r.stdout and "30 steps" in r.stdout
+
+    noth5 = tmp_path / "not.h5"
+    noth5.write_text("hello")
+    for args, msg in [(("info", noth5), "not an HDF5 file"),
+                      (("info", tmp_path / "missing.h5"), "no such file"),
+                      (("plot", noth5, "--key", "a"), "not an HDF5 file"),
+                      (("plot", sink, "--key", "nokey"), "no key 'nokey'"),
+                      (("plot", sink, "--key", "a", "--task", 9), "no task 9"),
+                      (("watch", noth5), "not an HDF5 file")]:
+        r = _cli(*args)
+        assert r.returncode != 0 and msg in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_value_checker_unit():
+    from mpipub.layout import check_value, escape, unescape
+
+    for ok in (1, 2.0, True, 1j, "s", b"b", np.float32(1), np.zeros(3), np.array([b"x"]),
+               {"a": {"b": np.ones(2)}}):
+        assert check_value("k", ok) is None, ok
+    for bad, word in ((object(), "object"), ([1, 2], "numpy.asarray"), (None, "NoneType"),
+                      (np.array(["u"]), "dtype <U1"), ({"a": {"b": object()}}, "'b'"),
+                      (1 << 70, "64-bit"), (np.array([None]), "dtype object")):
+        p = check_value("k", bad)
+        assert p and word in p, (bad, p)
+    for k in ("a", "a/b", "50%", "x@1", ".", "", "..", "%2F"):
+        assert unescape(escape(k)) == k and "/" not in escape(k)
+
+
+def test_sink_options_rejected_early(tmp_path):
+    from mpipub.sink import Sink, SinkError
+
+    (tmp_path / "e.h5").write_bytes(b"keep")
+    with pytest.raises(SinkError, match="already exists"):
+        Sink(tmp_path / "e.h5")
+    assert (tmp_path / "e.h5").read_bytes() == b"keep"
+    with pytest.raises(SinkError, match="unknown compression|hdf5plugin"):
+        Sink(tmp_path / "c.h5", compression="nope")
+    assert not (tmp_path / "c.h5").exists()
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
