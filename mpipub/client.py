@@ -53,6 +53,7 @@ class _Runtime:
         self.bye_event = threading.Event()
         self.closed = False
         self.sinks: list = []
+        self.failed_sinks: list = []
         self.io = IOThread(world, self._route, self._fatal)
         self.io.start()
 
@@ -131,8 +132,9 @@ class _Runtime:
             self.io.post(enc, target, TAG_CTRL, TAG_CBUF)
         return result_cls(self, rec, single)
 
-    def abort(self, task_id: int, engines: Iterable[int]) -> None:
-        enc = wire.encode(wire.ABORT, task_id, 0, None)
+    def abort(self, task_id: int, engines: Iterable[int], reason: str | None = None) -> None:
+        """Ask ``engines`` to stop ``task_id``; ``reason`` ends up in their TaskAborted."""
+        enc = wire.encode(wire.ABORT, task_id, 0, reason)
         for e in engines:
             self.io.post(enc, e, TAG_ABORT, TAG_CBUF)
 
@@ -149,7 +151,7 @@ class _Runtime:
             busy = [e for e in rec.engines if not rec.state[e].done]
             sys.stderr.write(f"mpipub: closing while task {rec.task_id} ({rec.label}) still "
                              f"runs on engines {busy}; aborting it\n")
-            self.abort(rec.task_id, busy)
+            self.abort(rec.task_id, busy, "because the client closed (its script ended)")
         stop = wire.encode(wire.STOP, 0, 0, None)
         for e in self.ids:
             self.io.post(stop, e, TAG_CTRL, TAG_CBUF)
@@ -164,6 +166,15 @@ class _Runtime:
                 self._close_sinks()
                 self.world.MPI.COMM_WORLD.Abort(1)
             self.bye_event.wait(0.05)
+        if not self.bye_event.is_set():
+            # The I/O thread died, so engines' byes (and their pending sends) can no longer be
+            # received: MPI_Finalize would wait for them forever. End the job instead.
+            missing = sorted(set(self.ids) - self.byes)
+            sys.stderr.write(f"mpipub: the client's I/O thread failed ({self.io.error!r}) "
+                             f"before engines {missing} stopped; aborting the MPI job\n")
+            sys.stderr.flush()
+            self._close_sinks()
+            self.world.MPI.COMM_WORLD.Abort(1)
         self.io.stop()
         self.io.join(timeout=5)
         self._close_sinks()
@@ -173,6 +184,7 @@ class _Runtime:
             try:
                 s.close()
             except Exception as exc:  # noqa: BLE001
+                self.failed_sinks.append(s)
                 sys.stderr.write(f"mpipub: closing sink {s!r} failed: {exc!r}\n")
         self.sinks = []
 
@@ -269,16 +281,30 @@ class Client:
         self.close()
 
 
-def _close_at_exit() -> None:
-    if _runtime is not None and not _runtime.closed:
-        _runtime.close()
+def _close_at_exit(exit_code: int | None = None) -> None:
+    """Stop the engines and close sinks at the end of the script (``exit_code``: the
+    script's status when the caller knows it)."""
+    rt = _runtime
+    if rt is not None and not rt.closed:
+        rt.close()
     if isinstance(getattr(sys, "last_value", None), KeyboardInterrupt):
         # Python would now kill itself with SIGINT, which mpiexec reports as a crash of the
         # whole job (and tears the engines down mid-exit). Finish MPI and exit 130 instead.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        _comm.finalize()
-        os._exit(130)
+        _exit_now(130)
+    if rt is not None and rt.failed_sinks:
+        # HDF5 crashes when it tears down a file whose writes failed: skip its teardown.
+        # Data was lost, so the job's status is non-zero.
+        code = exit_code or 1
+        sys.stderr.write(f"mpipub: exiting with status {code} because the sink failed "
+                         "(see above); what it flushed before stays readable\n")
+        _exit_now(code)
+
+
+def _exit_now(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _comm.finalize()
+    os._exit(code)
 
 
 def _on_sigterm(signum, frame):

@@ -8,16 +8,31 @@ past the bound the call waits for the oldest send (the producer slows down, noth
 from __future__ import annotations
 
 import pickle
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from . import engine as _engine
 from . import comm as _comm
+from . import engine as _engine
 from . import wire
-from .comm import CLIENT_RANK, TAG_BUF, TAG_MSG
+from .comm import CLIENT_RANK
 from .errors import MpipubError, PublishError
 
 #: Largest single value: MPI large-count sends carry it, but rank 0 must hold it in memory.
 MAX_VALUE_BYTES = 1 << 62
+
+
+def _mpi_rank_if_running() -> int | None:
+    """This process's COMM_WORLD rank if mpi4py has already initialised MPI, else None
+    (never initialises MPI itself)."""
+    import sys
+
+    MPI = sys.modules.get("mpi4py.MPI")
+    try:
+        if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
+            return MPI.COMM_WORLD.Get_rank()
+    except Exception:  # noqa: BLE001
+        pass
+    return None
 
 
 def _not_in_task_error() -> MpipubError:
@@ -26,6 +41,11 @@ def _not_in_task_error() -> MpipubError:
         where = "on rank 0, which is the client"
     elif w is not None:
         where = f"on engine {w.rank} outside a task"
+    elif (rank := _mpi_rank_if_running()) == CLIENT_RANK:
+        where = "on rank 0, which is the client (before Client() was created)"
+    elif rank is not None:
+        where = (f"on MPI rank {rank} before Client() made it an engine (outside a task); "
+                 "engine ranks run user code only inside tasks")
     else:
         where = "outside an mpipub engine (no MPI job with a client in this process)"
     return MpipubError(
@@ -69,8 +89,8 @@ def publish_data(data: Mapping[str, Any], *, copy: bool = True) -> None:
                           pool=eng.pool)
     except Exception as exc:  # noqa: BLE001 - find which key could not be pickled
         raise _pickle_error(data, exc, where) from exc
-    eng.outbox.send(enc, CLIENT_RANK, TAG_MSG, TAG_BUF)
     eng.step += 1
+    eng.post(enc)  # a Ctrl-C / SIGTERM is raised only after the sends are posted
 
 
 def _pickle_error(data: dict, exc: Exception, where: str) -> PublishError:

@@ -34,10 +34,10 @@ POLL_MAX_S = float(os.environ.get("MPIPUB_ENGINE_POLL_MAX_S", "0.002"))
 MAX_OUTSTANDING_BYTES = int(os.environ.get("MPIPUB_MAX_OUTSTANDING_BYTES", str(256 << 20)))
 MAX_OUTSTANDING_COUNT = int(os.environ.get("MPIPUB_MAX_OUTSTANDING_COUNT", "1024"))
 
-_current: "Engine | None" = None
+_current: Engine | None = None
 
 
-def current_engine() -> "Engine | None":
+def current_engine() -> Engine | None:
     """The engine running in this process, or None (on rank 0 or outside mpipub)."""
     return _current
 
@@ -46,7 +46,7 @@ class _ForwardedStream(io.TextIOBase):
     """Stands in for sys.stdout/sys.stderr during a task: writes go to the engine's own stream
     (so `mpiexec` shows them as usual) and, line by line, to the client (``ar.stdout``)."""
 
-    def __init__(self, engine: "Engine", original, which: int):
+    def __init__(self, engine: Engine, original, which: int):
         self._engine = engine
         self._original = original
         self._which = which
@@ -103,14 +103,30 @@ class Engine:
         self.task_options: dict = {}
         self.step = 0
         self.busy = False
-        self.aborted: set[int] = set()
+        self.aborted: dict[int, str | None] = {}  # task id -> reason
         self._status = self.MPI.Status()
         self.terminating_since: float | None = None
+        self.sending = False  # inside outbox.send: a signal is deferred (see _on_signal)
+        self.deferred_signal: int | None = None
 
     # -- sending ------------------------------------------------------------------------------
     def send(self, kind: int, step: int, obj, dumps=pickle.dumps, copy: bool = True) -> None:
         enc = wire.encode(kind, self.task_id or 0, step, obj, dumps, copy=copy, pool=self.pool)
-        self.outbox.send(enc, CLIENT_RANK, TAG_MSG, TAG_BUF)
+        self.post(enc)
+
+    def post(self, enc: wire.Encoded) -> None:
+        """Send ``enc`` to the client. A Ctrl-C / SIGTERM that arrives meanwhile is raised only
+        once the message's sends are all posted and recorded: raised in between, it would leave
+        a header without its buffers (the client then waits for them forever) or a send whose
+        memory Python frees while MPI still reads it (the client gets garbage)."""
+        self.sending = True
+        try:
+            self.outbox.send(enc, CLIENT_RANK, TAG_MSG, TAG_BUF)
+        finally:
+            self.sending = False
+        if self.deferred_signal is not None:
+            signum, self.deferred_signal = self.deferred_signal, None
+            self._on_signal(signum, None)
 
     # -- control from the client ------------------------------------------------------------
     def _recv(self, tag: int):
@@ -123,10 +139,11 @@ class Engine:
         """Read abort requests; raise TaskAborted if the running task is one of them."""
         while (m := self._recv(TAG_ABORT)) is not None:
             if self.task_id is None or m.task_id >= self.task_id:
-                self.aborted.add(m.task_id)
+                self.aborted[m.task_id] = m.decode()
         if self.task_id is not None and self.task_id in self.aborted:
+            why = self.aborted[self.task_id] or "by the client (AsyncResult.abort())"
             raise TaskAborted(
-                f"task {self.task_id} was aborted by the client (AsyncResult.abort()) "
+                f"task {self.task_id} was aborted {why} "
                 f"on engine {self.rank} after {self.step} publications"
             )
 
@@ -166,6 +183,9 @@ class Engine:
         stops it. This keeps a clean shutdown (and a flushed sink) on rank 0."""
         if signum == signal.SIGTERM:
             self.terminating_since = time.monotonic()
+        if self.sending and self.busy:
+            self.deferred_signal = signum  # raised by post() once the sends are posted
+            return
         if self.busy:
             self.busy = False  # a second signal while unwinding is ignored
             if signum == signal.SIGTERM:
@@ -176,7 +196,7 @@ class Engine:
     def run_task(self, m: wire.Message) -> None:
         self.task_id = m.task_id
         self.step = 0
-        self.aborted = {t for t in self.aborted if t >= m.task_id}
+        self.aborted = {t: r for t, r in self.aborted.items() if t >= m.task_id}
         t0 = time.time()
         ok, value = True, None
         out, err = sys.stdout, sys.stderr

@@ -40,7 +40,7 @@ def run_script(script: str, args: list[str], sink: str | None = None,
         code = 130 if tb.rstrip().endswith("KeyboardInterrupt") else 1
     finally:
         sys.stdout.flush()
-        _client._close_at_exit()
+        _client._close_at_exit(code)
     return code
 
 

@@ -268,22 +268,18 @@ class Sink:
             self._cv.notify_all()
         if dropped:
             sys.stderr.write(f"mpipub: {dropped} queued publications were not written\n")
-        try:
-            self.f.flush()
-        except Exception:  # noqa: BLE001
-            pass
-        try:
-            self.f.close()
-        except Exception:  # noqa: BLE001
-            pass
+        # Leave the file as it is: what was flushed is readable (like after a crash), and
+        # HDF5 (2.0, h5py 3.16) segfaults when it closes or tears down a file whose writes
+        # failed. So the handles are kept, never closed, and the client ends rank 0 without
+        # HDF5's teardown (client._close_at_exit).
+        self.broken_handles = (self.f, self._ds)
         rt = self.runtime
         if rt is not None:  # tell the engines: their running tasks stop at the next publish
             try:
                 for rec in list(rt.records.values()):
                     busy = [e for e in rec.engines if not rec.state[e].done]
                     if busy:
-                        rec.sink_error = self.error
-                        rt.abort(rec.task_id, busy)
+                        rt.abort(rec.task_id, busy, f"because {self.error}")
             except Exception:  # noqa: BLE001
                 pass
 

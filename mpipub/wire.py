@@ -17,6 +17,7 @@ Inline buffers start on 16-byte boundaries so the arrays rebuilt from them are a
 from __future__ import annotations
 
 import collections
+import os
 import pickle
 import struct
 import time
@@ -70,7 +71,7 @@ def encode(
     t: float | None = None,
     copy: bool = True,
     inline_limit: int = INLINE_LIMIT,
-    pool: "BufferPool | None" = None,
+    pool: BufferPool | None = None,
 ) -> Encoded:
     """Serialise ``obj``; with ``copy`` the result never aliases the caller's arrays.
 
@@ -179,6 +180,14 @@ class BufferPool:
             self.idle_bytes += n
 
 
+#: Waiting for a send at the bound (or at the end of a task) polls with a sleep that doubles
+#: from WAIT_MIN_S to WAIT_MAX_S (seconds) instead of spinning inside MPI.
+#: Before sleeping it yield-spins (sched_yield, so other ranks on the core run) for WAIT_SPIN_S.
+WAIT_SPIN_S = 1e-3
+WAIT_MIN_S = 20e-6
+WAIT_MAX_S = 1e-3
+
+
 class Outbox:
     """Non-blocking sends with a bound on what is outstanding (bytes and count).
 
@@ -225,7 +234,23 @@ class Outbox:
             self._retire()
 
     def _complete_oldest(self) -> None:
-        self.MPI.Request.Waitall(self._pending[0][0])
+        # Test and sleep instead of MPI_Waitall: a blocking MPICH wait spins a whole core,
+        # which on an oversubscribed node starves rank 0, the very receiver we wait for
+        # (measured with benchmarks/: 4 engines on 2 cores, small publications 3x faster).
+        reqs = self._pending[0][0]
+        testall = self.MPI.Request.Testall
+        if not testall(reqs):
+            # first yield-spin (the receiver is usually draining: react within microseconds),
+            # then sleep with a growing backoff (a receiver that is slow for long)
+            spin_end = time.perf_counter() + WAIT_SPIN_S
+            while not testall(reqs):
+                if time.perf_counter() > spin_end:
+                    break
+                os.sched_yield()
+            sleep = WAIT_MIN_S
+            while not testall(reqs):
+                time.sleep(sleep)
+                sleep = min(sleep * 2, WAIT_MAX_S)
         self._retire()
 
     def _retire(self) -> None:

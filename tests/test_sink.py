@@ -391,3 +391,57 @@ def test_sink_options_rejected_early(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+def test_write_error_is_reported_engines_told_and_flushed_data_kept(mpi_script, tmp_path):
+    """A disk that fills up mid-run (simulated with RLIMIT_FSIZE on rank 0): the error names
+    the file and step, the running task is aborted with that reason, no new task starts, the
+    job ends cleanly, and what was flushed before stays readable."""
+    sink = tmp_path / "full.h5"
+    job = mpi_script(f"""
+        import resource, signal, time
+        import numpy as np
+        from mpipub import Client, RemoteError, publish_data
+        c = Client(sink={str(sink)!r}, flush_interval=0.1)
+        def small(n):
+            from mpipub import publish_data
+            for i in range(n):
+                publish_data({{"i": i}})
+        c[:].apply_sync(small, 5)               # stored and flushed at the task's end
+        import os
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a failed write, not a dead process
+        limit = os.path.getsize({str(sink)!r}) + (2 << 20)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        def big():
+            import time
+            import numpy as np
+            from mpipub import publish_data
+            for i in range(400):
+                publish_data({{"a": np.full(1 << 16, i)}})       # 512 KiB a step
+                time.sleep(0.005)
+        ar = c[:].apply_async(big)
+        try:
+            ar.get(timeout=60)
+        except RemoteError as e:
+            print("TASK ERROR:", " ".join(str(e).split()))
+        else:
+            print("NO ERROR")
+        try:
+            c[:].apply_async(small, 1)
+        except Exception as e:
+            print("SUBMIT ERROR:", type(e).__name__, e)
+        print("END")
+    """, nranks=3, timeout=90)
+    assert "END" in job.stdout, job.output
+    assert "NO ERROR" not in job.stdout, job.output
+    assert "TaskAborted: task 2 was aborted because writing sink file" in job.stdout, job.output
+    assert "SUBMIT ERROR: SinkError" in job.stdout, job.output
+    # reported on stderr with the file and a step
+    assert str(sink) in job.stderr and "step" in job.stderr, job.stderr
+    # data was lost, so the job says so with its status, after a clean shutdown
+    assert job.returncode == 1, job.output
+    assert "exiting with status 1 because the sink failed" in job.stderr
+    import mpipub
+    run = mpipub.open(str(sink))
+    first = run.tasks[0]
+    assert [d["i"] for d in run.task(first).data_at(4)] == [4, 4]

@@ -1,0 +1,432 @@
+"""``python -m mpipub.bench [--quick] [--out DIR]``: run the suite, print the table, write
+``latest.json`` (every repeat), ``latest.md`` (the table) and ``latest.png`` (the chart).
+
+Each group is its own ``mpiexec`` job (in its own process group, killed on timeout); every
+figure is a ratio to a baseline measured in the same run. ``--quick`` is a smoke run: tiny
+sizes and one repeat; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+KiB, MiB = 1 << 10, 1 << 20
+PY = sys.executable
+MPIEXEC = shutil.which("mpiexec",
+                       path=os.path.dirname(PY) + os.pathsep + os.environ.get("PATH", ""))
+
+FULL = {
+    "repeats": 5,
+    # (bytes per array, messages per repeat over all engines)
+    "stream": [[KiB, 8000], [64 * KiB, 2000], [MiB, 256], [16 * MiB, 32]],
+    "stream_engines": [1, 4],
+    "small": [["i", 20000], ["ai", 20000]],
+    "cost": [[64 * KiB, 200], [MiB, 100], [16 * MiB, 20]],
+    "fresh_n": 200, "start_n": 30, "idle_s": 10.0, "blocked_s": 3.0,
+    "start_repeats": 7,
+    "sink": [[KiB, 4000], [64 * KiB, 1000], [MiB, 128]], "sink_repeats": 3,
+    "scale": [1, 2, 4, 8, 16, 32], "scale_total": 1024, "scale_repeats": 3,
+    "ipp": True,
+    "inline": [[KiB, 8000], [4 * KiB, 8000], [16 * KiB, 4000], [32 * KiB, 4000],
+               [64 * KiB, 2000], [128 * KiB, 1000]],
+}
+QUICK = {
+    "repeats": 1,
+    "stream": [[KiB, 200], [64 * KiB, 64]],
+    "stream_engines": [2],
+    "small": [["i", 400]],
+    "cost": [[64 * KiB, 5]],
+    "fresh_n": 5, "start_n": 3, "idle_s": 0.3, "blocked_s": 0.2,
+    "start_repeats": 1,
+    "sink": [[64 * KiB, 32]], "sink_repeats": 1,
+    "scale": [1, 2], "scale_total": 64, "scale_repeats": 1,
+    "ipp": False,
+    "inline": [[4 * KiB, 64]],
+}
+
+
+def _log(msg: str) -> None:
+    sys.stderr.write(f"[bench {time.strftime('%H:%M:%S')}] {msg}\n")
+    sys.stderr.flush()
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("MPLBACKEND", "Agg")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run_cmd(cmd: list, timeout: float, cwd=None) -> tuple[int, float, str]:
+    """Run ``cmd`` in its own process group; kill the whole group on timeout.
+    Returns (returncode, seconds, output tail)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env(), cwd=cwd, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        rc = -9
+        out = (out or "") + f"\n[killed after {timeout} s]"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # no rank outlives its job
+        except ProcessLookupError:
+            pass
+    return rc, time.perf_counter() - t0, (out or "")[-3000:]
+
+
+def run_worker(nranks: int, module: str, params: dict, tmp: Path, timeout: float) -> dict:
+    out = tmp / f"{module}-{nranks}-{time.monotonic_ns()}.json"
+    cmd = [MPIEXEC, "-n", str(nranks), PY, "-m", f"mpipub.bench.{module}", json.dumps(params),
+           str(out)]
+    rc, dt, tail = run_cmd(cmd, timeout)
+    if rc != 0 or not out.exists():
+        raise RuntimeError(f"{module} with {nranks} ranks failed (status {rc}, {dt:.1f} s):\n"
+                           f"{tail}")
+    return json.loads(out.read_text())
+
+
+def med(xs) -> float:
+    return statistics.median(xs)
+
+
+def _size(n: int) -> str:
+    return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
+
+
+def _rate(x: float, unit: str) -> str:
+    if unit == "B/s":
+        return f"{x / 1e9:.2f} GB/s" if x >= 1e8 else f"{x / 1e6:.0f} MB/s"
+    if unit == "msg/s":
+        return f"{x / 1e3:.1f} k/s"
+    return f"{x:.3g}"
+
+
+def entry(row, what, config, bname, bunit, brep, mname, mrep, ratio, floor, met, note="",
+          fmt=None) -> dict:
+    fmt = fmt or (lambda x: _rate(x, bunit))
+    return {"row": row, "what": what, "config": config,
+            "baseline": {"name": bname, "unit": bunit, "median": med(brep), "repeats": brep,
+                         "shown": fmt(med(brep))},
+            "mpipub": {"name": mname, "unit": bunit, "median": med(mrep), "repeats": mrep,
+                       "shown": fmt(med(mrep))},
+            "ratio": ratio, "floor": floor, "met": met, "note": note}
+
+
+# -- groups ---------------------------------------------------------------------------------------
+def g_stream(cfg, tmp, rows, raw):
+    for n_eng in cfg["stream_engines"]:
+        params = {"stream": cfg["stream"], "modes": ["raw", "copy", "zerocopy"],
+                  "repeats": cfg["repeats"]}
+        if n_eng == max(cfg["stream_engines"]):
+            params["small"] = cfg["small"]
+        if n_eng == min(cfg["stream_engines"]):
+            params["cost"] = cfg["cost"]
+        res = run_worker(n_eng + 1, "w_stream", params, tmp, 600)
+        raw.append({"group": "stream", "engines": n_eng, "result": res})
+        for case in res["stream"]:
+            r = case["repeats"]
+            base = med(r["raw"])
+            for mode, fl in (("copy", 0.75), ("zerocopy", 0.9)):
+                if case["nbytes"] < 64 * KiB:
+                    fl = 0.5
+                ratio = med(r[mode]) / base
+                rows.append(entry(
+                    "1", "publish throughput", f"{_size(case['nbytes'])}, {n_eng} eng, "
+                    f"{'copy' if mode == 'copy' else 'zero-copy'}", "raw Isend + mprobe/Recv",
+                    "B/s", r["raw"], f"publish_data({mode})", r[mode], ratio, f">= {fl}",
+                    ratio >= fl))
+        for case in res["small"]:
+            r = case["repeats"]
+            ratio = med(r["mpipub"]) / med(r["raw"])
+            d = "{'i': int}" if case["kind"] == "i" else "{'a': 20 doubles, 'i': int}"
+            rows.append(entry("2", "small-publication rate", f"{d}, {n_eng} eng",
+                              "raw isend/recv (pickled)", "msg/s", r["raw"], "publish_data",
+                              r["mpipub"], ratio, ">= 0.7", ratio >= 0.7))
+        for case in res["cost"]:
+            r = case["repeats"]
+            ratio = med(r["publish_data"]) / med(r["copyto"])
+            rows.append(entry("3", "publish_data call (copy)", f"{_size(case['nbytes'])}, "
+                              f"{case['gap_s'] * 1e3:.1f} ms between steps", "numpy.copyto",
+                              "s", r["copyto"], "publish_data", r["publish_data"], ratio,
+                              "<= 1.5x", ratio <= 1.5, fmt=lambda x: f"{x * 1e6:.0f} us"))
+
+
+def g_latency(cfg, tmp, rows, raw):
+    params = {k: cfg[k] for k in ("fresh_n", "start_n", "idle_s", "blocked_s")}
+    res = run_worker(5, "w_latency", params, tmp, 180)
+    raw.append({"group": "latency", "result": res})
+    ms = lambda x: f"{x * 1e3:.2f} ms"  # noqa: E731
+    r = res["freshness"]["repeats"]
+    extra = med(r["freshness"]) - med(r["raw_one_way"])
+    rows.append(entry("4", "freshness (publish -> ar.data)", "{'i': int}, 1 eng, idle client",
+                      "raw ping one-way", "s", r["raw_one_way"], "publish_data -> ar.data",
+                      r["freshness"], extra, "<= raw + 2 ms", extra <= 2e-3, fmt=ms))
+    rows[-1]["ratio_shown"] = f"+{extra * 1e3:.2f} ms"
+    r = res["idle_cpu"]["repeats"]
+    idle = med(r["idle"])
+    pct = lambda x: f"{x * 100:.1f}% core"  # noqa: E731
+    rows.append(entry("5", "idle engine CPU", f"4 eng idle {res['idle_cpu']['idle_s']:g} s",
+                      "blocked in MPI_Recv", "core", r["blocked"], "idle engine", r["idle"],
+                      idle, "<= 2% core", idle <= 0.02, fmt=pct,
+                      note=f"client rank 0 idle: {pct(r['client_idle'][0])}"))
+    rows[-1]["ratio_shown"] = pct(idle)
+    r = res["task_start"]["repeats"]
+    lat = med(r["idle"])
+    rows.append(entry("5", "idle engine starts a task", "1 eng, idle 50-100 ms before",
+                      "blocked MPI_Recv wake-up", "s", r["blocked"], "apply_async -> task runs",
+                      r["idle"], lat, "<= 5 ms", lat <= 5e-3, fmt=ms))
+    rows[-1]["ratio_shown"] = ms(lat)
+
+
+def g_start(cfg, tmp, rows, raw):
+    script = tmp / "empty.py"
+    script.write_text("")
+    base_cmd = [MPIEXEC, "-n", "5", PY, "-c", "from mpi4py import MPI"]
+    pub_cmd = [MPIEXEC, "-n", "5", PY, "-m", "mpipub", "run", str(script)]
+    times: dict = {"raw": [], "mpipub": []}
+    for i in range(cfg["start_repeats"] + 1):
+        for name, cmd in ((("raw", base_cmd), ("mpipub", pub_cmd)) if i % 2 == 0
+                          else (("mpipub", pub_cmd), ("raw", base_cmd))):
+            rc, dt, tail = run_cmd(cmd, 60)
+            if rc != 0:
+                raise RuntimeError(f"{cmd} failed ({rc}):\n{tail}")
+            if i:  # the first round warms the file cache
+                times[name].append(dt)
+    raw.append({"group": "start", "result": times})
+    ratio = med(times["mpipub"]) / med(times["raw"])
+    rows.append(entry("6", "job start + shut down", "5 ranks, empty script",
+                      "mpiexec python -c 'from mpi4py import MPI'", "s", times["raw"],
+                      "python -m mpipub run empty.py", times["mpipub"], ratio, "<= 1.5x",
+                      ratio <= 1.5, fmt=lambda x: f"{x:.2f} s"))
+
+
+def g_sink(cfg, tmp, rows, raw):
+    try:
+        import mpipub.sink  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        rows.append({"row": "7", "what": "sink to HDF5", "config": "-", "pending": True,
+                     "note": f"pending: mpipub.sink not importable ({exc!r})"})
+        return
+    from mpipub.bench.w_sink import h5py_baseline
+
+    for nbytes, total in cfg["sink"]:
+        base, pub = [], []
+        for _ in range(cfg["sink_repeats"]):
+            path = tmp / "sink.h5"
+            res = run_worker(5, "w_sink", {"path": str(path), "nbytes": nbytes, "total": total},
+                             tmp, 300)
+            pub.append(res["bytes"] / res["seconds"])
+            base.append(h5py_baseline(str(tmp / "plain.h5"), nbytes, res["steps"]))
+        raw.append({"group": "sink", "nbytes": nbytes, "h5py": base, "mpipub": pub})
+        ratio = med(pub) / med(base)
+        rows.append(entry("7", "every step to HDF5", f"{_size(nbytes)}, 4 eng",
+                          "h5py appends, 1 process", "B/s", base, "Client(sink=...)", pub,
+                          ratio, ">= 0.8", ratio >= 0.8))
+
+
+def g_scale(cfg, tmp, rows, raw):
+    for n in cfg["scale"]:
+        params = {"stream": [[64 * KiB, cfg["scale_total"]]], "modes": ["raw", "copy"],
+                  "repeats": cfg["scale_repeats"]}
+        res = run_worker(n + 1, "w_stream", params, tmp, 600)
+        raw.append({"group": "scale", "engines": n, "result": res})
+        r = res["stream"][0]["repeats"]
+        ratio = med(r["copy"]) / med(r["raw"])
+        rows.append(entry("8", "scale (oversubscribed)", f"64 KiB, {n} eng", "raw fan-in",
+                          "B/s", r["raw"], "publish_data", r["copy"], ratio, ">= 0.8",
+                          ratio >= 0.8))
+
+
+def g_ipp(cfg, tmp, rows, raw):
+    try:
+        from mpipub.bench import ipp
+    except ImportError as exc:
+        rows.append({"row": "9", "what": "peer: ipyparallel", "config": "-", "pending": True,
+                     "note": f"not measured: {exc}"})
+        return
+    ipp.run(cfg, tmp, rows, raw, [r for r in rows if r.get("row") == "1"])
+
+
+def g_inline(cfg, tmp, rows, raw):
+    """Where one message (payload copied into the header) stops beating header + raw buffer:
+    the measurement behind wire.INLINE_LIMIT (1 engine, copy mode)."""
+    params = {"inline": cfg["inline"], "repeats": cfg["repeats"]}
+    res = run_worker(2, "w_stream", params, tmp, 600)
+    raw.append({"group": "inline", "result": res})
+    for case in res["inline"]:
+        r = case["repeats"]
+        ratio = med(r["inline"]) / med(r["split"])
+        rows.append(entry("1i", "inline vs split (INLINE_LIMIT)", f"{_size(case['nbytes'])}, "
+                          "1 eng", "header + raw buffer", "B/s", r["split"], "one message",
+                          r["inline"], ratio, "report", None))
+
+
+GROUPS = {"inline": g_inline, "stream": g_stream, "latency": g_latency, "start": g_start,
+          "sink": g_sink, "scale": g_scale, "ipp": g_ipp}
+
+
+# -- output ---------------------------------------------------------------------------------------
+def machine() -> dict:
+    import mpi4py
+    import numpy
+    from mpi4py import MPI
+
+    cpu = platform.processor() or ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
+            "os": platform.platform(), "python": platform.python_version(),
+            "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+            "mpi4py": mpi4py.__version__, "numpy": numpy.__version__}
+
+
+def table(result: dict) -> str:
+    m = result["meta"]
+    kind = "QUICK smoke run (numbers mean nothing)" if m["quick"] else "full run"
+    lines = [
+        f"Latest run: {m['date']} on {m['machine']['cpu']} ({m['machine']['cores']} cores), "
+        f"{m['machine']['mpi']}, mpi4py {m['machine']['mpi4py']}, Python "
+        f"{m['machine']['python']}; {kind}"
+        f" in {m['elapsed_s']:.0f} s. Medians over repeats; ratio = mpipub / baseline.",
+        "",
+        "| # | what | case | baseline | mpipub | ratio | floor | met |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        if r.get("pending") or r.get("error"):
+            lines.append(f"| {r['row']} | {r['what']} | {r.get('config', '-')} | - | - | - | - | "
+                         f"{r['note']} |")
+            continue
+        ratio = r.get("ratio_shown") or f"{r['ratio']:.2f}"
+        met = "yes" if r["met"] else "**NO**"
+        if r["met"] is None:
+            met = "report"
+        lines.append(f"| {r['row']} | {r['what']} | {r['config']} | {r['baseline']['shown']} | "
+                     f"{r['mpipub']['shown']} | {ratio} | {r['floor']} | {met} |")
+    notes = [f"- row {r['row']} ({r['config']}): {r['note']}" for r in result["rows"]
+             if r.get("note") and not r.get("pending") and not r.get("error")]
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def chart(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "ratio" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [3, 2]})
+    ax = axes[0]
+    bars = [r for r in rows if r["row"] in ("1", "2", "7")]
+    labels = [f"{r['row']}: {r['config']}" for r in bars]
+    vals = [r["ratio"] for r in bars]
+    floors = [float(r["floor"].split()[-1]) for r in bars]
+    y = range(len(bars))
+    ax.barh(list(y), vals, color=["tab:green" if r["met"] else "tab:red" for r in bars])
+    ax.scatter(floors, list(y), marker="|", s=200, color="k", label="floor", zorder=3)
+    ax.set_yticks(list(y), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="grey", lw=0.5)
+    ax.set_xlabel("mpipub / raw mpi4py (higher is better)")
+    ax.set_title("throughput ratios (rows 1, 2, 7)")
+    ax.legend(loc="lower right", fontsize=7)
+    ax = axes[1]
+    sc = [r for r in rows if r["row"] == "8"]
+    if sc:
+        n = [int(r["config"].split(",")[1].split()[0]) for r in sc]
+        ax.plot(n, [r["ratio"] for r in sc], "o-", label="ratio mpipub / raw")
+        ax.axhline(0.8, color="k", ls="--", lw=0.8, label="floor 0.8")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("engines (oversubscribed)")
+        ax.set_ylabel("ratio")
+        ax2 = ax.twinx()
+        ax2.plot(n, [r["baseline"]["median"] / 1e9 for r in sc], "s:", color="grey",
+                 label="raw GB/s")
+        ax2.plot(n, [r["mpipub"]["median"] / 1e9 for r in sc], "^:", color="tab:blue",
+                 label="mpipub GB/s")
+        ax2.set_ylabel("GB/s")
+        ax.legend(loc="lower left", fontsize=7)
+        ax2.legend(loc="lower right", fontsize=7)
+        ax.set_title("row 8: 64 KiB publications, fan-in")
+    m = result["meta"]
+    fig.suptitle(f"mpipub benchmarks {m['date']}, {m['machine']['cores']} cores, "
+                 f"{m['machine']['mpi'][:40]}{' (QUICK)' if m['quick'] else ''}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mpipub.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run (seconds; numbers meaningless)")
+    p.add_argument("--out", default=None, help="output folder (default: benchmarks/results if "
+                   "it exists here, else ./mpipub-bench)")
+    p.add_argument("--only", default=None, help=f"comma-separated groups of {sorted(GROUPS)}")
+    args = p.parse_args(argv)
+    if not MPIEXEC:
+        sys.stderr.write("mpipub.bench: mpiexec not found (pip install mpich)\n")
+        return 2
+    out = Path(args.out or ("benchmarks/results" if Path("benchmarks").is_dir()
+                            else "mpipub-bench"))
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = QUICK if args.quick else FULL
+    groups = args.only.split(",") if args.only else list(GROUPS)
+    if args.quick:
+        groups = [g for g in groups if g != "ipp"]
+    rows: list = []
+    raw: list = []
+    t0 = time.time()
+    failed = 0
+    with tempfile.TemporaryDirectory(prefix="mpipub-bench-") as td:
+        for g in groups:
+            _log(f"{g} ...")
+            tg = time.time()
+            try:
+                GROUPS[g](cfg, Path(td), rows, raw)
+            except Exception as exc:  # noqa: BLE001 - one failed group does not end the suite
+                failed += 1
+                _log(f"{g} FAILED: {exc}")
+                rows.append({"row": g, "what": g, "config": "-", "error": True,
+                             "note": f"failed: {str(exc).splitlines()[0][:200]}"})
+            _log(f"{g} done in {time.time() - tg:.0f} s")
+    result = {"meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                       "quick": args.quick, "elapsed_s": time.time() - t0, "machine": machine(),
+                       "command": " ".join(["python -m mpipub.bench", *(argv or sys.argv[1:])]),
+                       "config": cfg},
+              "rows": rows, "raw": raw}
+    (out / "latest.json").write_text(json.dumps(result, indent=1))
+    md = table(result)
+    (out / "latest.md").write_text(md)
+    chart(result, out / "latest.png")
+    print(md)
+    _log(f"wrote {out / 'latest.json'}, {out / 'latest.md'}, {out / 'latest.png'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Functions the benchmark workers send to engines (importable, so they travel by reference).
+
+Each has a raw mpi4py twin that moves the same bytes to rank 0 on COMM_WORLD (never on mpipub's
+own communicator), so baseline and mpipub run in the same job, with the same dispatch.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from mpipub import publish_data
+
+TAG = 77  # raw baseline traffic, on COMM_WORLD
+
+#: the engines' default send bounds (engine.Engine): raw senders use the same window
+WINDOW_COUNT = 1024
+WINDOW_BYTES = 512 << 20
+
+_arrays: dict = {}
+
+
+def array(nbytes: int) -> np.ndarray:
+    """A float64 array of ``nbytes``, made once per size (pages touched) and reused."""
+    a = _arrays.get(nbytes)
+    if a is None:
+        a = np.arange(max(1, nbytes // 8), dtype=np.float64)
+        _arrays[nbytes] = a
+    return a
+
+
+def window(nbytes: int) -> int:
+    return max(1, min(WINDOW_COUNT, WINDOW_BYTES // max(1, nbytes)))
+
+
+# -- row 1 / 8: streams of arrays -------------------------------------------------------------
+def raw_stream(nmsg: int, nbytes: int) -> None:
+    comm = MPI.COMM_WORLD
+    a = array(nbytes)
+    w = window(nbytes)
+    reqs: collections.deque = collections.deque()
+    for _ in range(nmsg):
+        if len(reqs) >= w:
+            reqs.popleft().Wait()
+        reqs.append(comm.Isend([a, MPI.BYTE], 0, TAG))
+    MPI.Request.Waitall(list(reqs))
+
+
+def pub_stream(nmsg: int, nbytes: int, copy: bool) -> None:
+    a = array(nbytes)
+    for _ in range(nmsg):
+        publish_data({"a": a}, copy=copy)
+
+
+def raw_recv_arrays(total: int) -> int:
+    """Rank 0: matched probe + Recv of ``total`` messages into fresh numpy arrays."""
+    comm = MPI.COMM_WORLD
+    st = MPI.Status()
+    nb = 0
+    for _ in range(total):
+        msg = comm.mprobe(MPI.ANY_SOURCE, TAG, st)
+        n = st.Get_count(MPI.BYTE)
+        buf = np.empty(n // 8, np.float64)
+        msg.Recv([buf, MPI.BYTE])
+        nb += n
+    return nb
+
+
+# -- row 2: small publications ----------------------------------------------------------------
+_A20 = np.arange(20.0)
+
+
+def raw_small(nmsg: int, kind: str) -> None:
+    comm = MPI.COMM_WORLD
+    reqs: collections.deque = collections.deque()
+    a = _A20
+    for i in range(nmsg):
+        d = {"i": i} if kind == "i" else {"a": a, "i": i}
+        if len(reqs) >= WINDOW_COUNT:
+            reqs.popleft().wait()
+        reqs.append(comm.isend(d, 0, TAG))
+    while reqs:
+        reqs.popleft().wait()
+
+
+def pub_small(nmsg: int, kind: str) -> None:
+    a = _A20
+    for i in range(nmsg):
+        publish_data({"i": i} if kind == "i" else {"a": a, "i": i})
+
+
+def raw_recv_small(total: int) -> None:
+    comm = MPI.COMM_WORLD
+    for _ in range(total):
+        comm.recv(source=MPI.ANY_SOURCE, tag=TAG)
+
+
+# -- row 3: cost of one publish_data call -----------------------------------------------------
+def pub_cost(nmsg: int, nbytes: int, gap_s: float) -> tuple[list, list]:
+    """Alternate numpy.copyto (baseline) and publish_data of the same array, with a pause
+    between steps like a simulation's compute phase. Returns both lists of call times."""
+    a = array(nbytes)
+    dst = np.empty_like(a)
+    np.copyto(dst, a)
+    tc, tp = [], []
+    pc = time.perf_counter
+    for _ in range(nmsg):
+        t = pc()
+        np.copyto(dst, a)
+        tc.append(pc() - t)
+        time.sleep(gap_s)
+        t = pc()
+        publish_data({"a": a})
+        tp.append(pc() - t)
+        time.sleep(gap_s)
+    return tc, tp
+
+
+# -- row 4: freshness ---------------------------------------------------------------------------
+def fresh_pub(n: int, seed: int) -> None:
+    rng = random.Random(seed)
+    for i in range(n):
+        time.sleep(rng.uniform(0.005, 0.015))
+        publish_data({"i": i})
+
+
+def raw_ping(n: int) -> list:
+    """Engine side of a ping-pong with rank 0 (8 bytes); returns round-trip times."""
+    comm = MPI.COMM_WORLD
+    b = np.zeros(1)
+    rtt = []
+    for _ in range(n):
+        t = time.perf_counter()
+        comm.Send([b, MPI.DOUBLE], 0, TAG)
+        comm.Recv([b, MPI.DOUBLE], 0, TAG)
+        rtt.append(time.perf_counter() - t)
+    return rtt
+
+
+def raw_pong(n: int, source: int) -> None:
+    comm = MPI.COMM_WORLD
+    b = np.zeros(1)
+    for _ in range(n):
+        comm.Recv([b, MPI.DOUBLE], source, TAG)
+        comm.Send([b, MPI.DOUBLE], source, TAG)
+
+
+# -- row 5: idle engines ------------------------------------------------------------------------
+def cpu_now() -> tuple[float, float]:
+    return time.process_time(), time.time()
+
+
+def now() -> float:
+    return time.time()
+
+
+def blocked_cpu() -> tuple[float, float]:
+    """Block in a raw MPI receive until rank 0 sends; return (cpu seconds, wall seconds)."""
+    comm = MPI.COMM_WORLD
+    b = np.zeros(1)
+    c0, w0 = time.process_time(), time.time()
+    comm.Recv([b, MPI.DOUBLE], 0, TAG)
+    return time.process_time() - c0, time.time() - w0
+
+
+def blocked_start(n: int) -> list:
+    """Block in a raw receive n times; return the arrival times (time.time())."""
+    comm = MPI.COMM_WORLD
+    b = np.zeros(1)
+    out = []
+    for _ in range(n):
+        comm.Recv([b, MPI.DOUBLE], 0, TAG)
+        out.append(time.time())
+    return out
+
+
+# -- the inline threshold (wire.INLINE_LIMIT) ---------------------------------------------------
+def pub_stream_limit(nmsg: int, nbytes: int, inline: bool) -> None:
+    """Like pub_stream (copy mode), with the payload forced inline (one message) or split
+    (header + raw buffer), to measure where one message stops paying."""
+    from mpipub import wire
+
+    kw = wire.encode.__kwdefaults__
+    old = kw["inline_limit"]
+    kw["inline_limit"] = (1 << 40) if inline else -1
+    try:
+        pub_stream(nmsg, nbytes, True)
+    finally:
+        kw["inline_limit"] = old

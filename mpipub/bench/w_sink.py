@@ -1,0 +1,49 @@
+"""Worker (runs under mpiexec): row 7, every publication to HDF5 through ``Client(sink=...)``.
+
+    mpiexec -n 5 python -m mpipub.bench.w_sink PARAMS_JSON OUT_JSON
+
+One job per measurement (a job has one client and one sink): the time runs from submitting
+the task to ``close()`` returning, i.e. every step is in the closed file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from mpipub import Client
+from mpipub.bench import tasks
+
+
+def main() -> None:
+    p = json.loads(sys.argv[1])
+    c = Client(sink=p["path"], overwrite=True)
+    per = max(1, p["total"] // len(c))
+    t0 = time.perf_counter()
+    c[:].apply_async(tasks.pub_stream, per, p["nbytes"], True).get()
+    c.close()
+    dt = time.perf_counter() - t0
+    with open(sys.argv[2], "w") as f:
+        json.dump({"seconds": dt, "bytes": per * len(c) * tasks.array(p["nbytes"]).nbytes,
+                   "steps": per * len(c)}, f)
+
+
+def h5py_baseline(path: str, nbytes: int, total: int) -> float:
+    """Plain h5py in one process appending the same arrays (one resizable dataset);
+    returns bytes/s including closing the file."""
+    import h5py
+
+    a = tasks.array(nbytes)
+    t0 = time.perf_counter()
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset("a", shape=(0, a.size), maxshape=(None, a.size), dtype=a.dtype,
+                              chunks=(max(1, min(total, (1 << 20) // a.nbytes)), a.size))
+        for i in range(total):
+            ds.resize(i + 1, axis=0)
+            ds[i] = a
+    return total * a.nbytes / (time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    main()

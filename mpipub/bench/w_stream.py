@@ -1,0 +1,112 @@
+"""Worker (runs under mpiexec): rows 1, 2, 3 and 8, baseline and mpipub interleaved in one job.
+
+    mpiexec -n N python -m mpipub.bench.w_stream PARAMS_JSON OUT_JSON
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from mpipub import Client
+from mpipub.bench import tasks
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def stream_case(c, nbytes: int, total: int, modes: list, repeats: int) -> dict:
+    """Throughput (bytes/s reaching rank 0) for each mode; modes rotate between repeats."""
+    view = c[:]
+    n = len(c)
+    per = max(1, total // n)
+    total = per * n
+
+    def run(mode):
+        if mode == "raw":
+            ar = view.apply_async(tasks.raw_stream, per, nbytes)
+            got = tasks.raw_recv_arrays(total)
+            ar.get()
+            assert got == total * tasks.array(nbytes).nbytes
+        elif mode in ("inline", "split"):
+            ar = view.apply_async(tasks.pub_stream_limit, per, nbytes, mode == "inline")
+            ar.get()
+        else:
+            ar = view.apply_async(tasks.pub_stream, per, nbytes, mode == "zerocopy")
+            ar.get()
+            pubs = sum(s.publications for s in ar.stats.values())
+            assert pubs == total, (pubs, total)
+            assert ar.data[0]["a"].nbytes == tasks.array(nbytes).nbytes
+
+    for m in modes:  # warm-up: every mode once
+        run(m)
+    reps: dict = {m: [] for m in modes}
+    nb = total * tasks.array(nbytes).nbytes
+    for r in range(repeats):
+        order = modes[r % len(modes):] + modes[:r % len(modes)]
+        for m in order:
+            reps[m].append(nb / _timed(lambda m=m: run(m)))
+    return {"nbytes": nbytes, "engines": n, "messages": total, "bytes": nb, "unit": "B/s",
+            "repeats": reps}
+
+
+def small_case(c, kind: str, total: int, repeats: int) -> dict:
+    view = c[:]
+    n = len(c)
+    per = max(1, total // n)
+    total = per * n
+
+    def run(mode):
+        if mode == "raw":
+            ar = view.apply_async(tasks.raw_small, per, kind)
+            tasks.raw_recv_small(total)
+            ar.get()
+        else:
+            ar = view.apply_async(tasks.pub_small, per, kind)
+            ar.get()
+            assert sum(s.publications for s in ar.stats.values()) == total
+
+    modes = ["raw", "mpipub"]
+    for m in modes:
+        run(m)
+    reps: dict = {m: [] for m in modes}
+    for r in range(repeats):
+        for m in (modes if r % 2 == 0 else modes[::-1]):
+            reps[m].append(total / _timed(lambda m=m: run(m)))
+    return {"kind": kind, "engines": n, "messages": total, "unit": "msg/s", "repeats": reps}
+
+
+def cost_case(c, nbytes: int, nmsg: int) -> dict:
+    gap = 0.001 + nbytes / 2e9  # a compute phase long enough for the send to complete
+    c[1].apply_async(tasks.pub_cost, 3, nbytes, gap).get()  # warm-up
+    tc, tp = c[1].apply_async(tasks.pub_cost, nmsg, nbytes, gap).get()
+    return {"nbytes": nbytes, "gap_s": gap, "unit": "s",
+            "repeats": {"copyto": tc, "publish_data": tp}}
+
+
+def main() -> None:
+    params = json.loads(sys.argv[1])
+    out_path = sys.argv[2]
+    c = Client()  # engines serve here and exit when the client closes
+    out: dict = {"engines": len(c), "stream": [], "small": [], "cost": []}
+    t0 = time.time()
+    for nbytes, total in params.get("stream", []):
+        out["stream"].append(stream_case(c, nbytes, total, params["modes"], params["repeats"]))
+    out["inline"] = [stream_case(c, nbytes, total, ["raw", "inline", "split"], params["repeats"])
+                     for nbytes, total in params.get("inline", [])]
+    for kind, total in params.get("small", []):
+        out["small"].append(small_case(c, kind, total, params["repeats"]))
+    for nbytes, nmsg in params.get("cost", []):
+        out["cost"].append(cost_case(c, nbytes, nmsg))
+    out["elapsed_s"] = time.time() - t0
+    with open(out_path, "w") as f:
+        json.dump(out, f)
+    c.close()
+
+
+if __name__ == "__main__":
+    main()
