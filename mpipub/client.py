@@ -300,10 +300,19 @@ def _close_at_exit(exit_code: int | None = None) -> None:
         _exit_now(code)
 
 
+#: After MPI_Finalize, how long rank 0 waits before a fast non-zero exit (seconds).
+EXIT_GRACE_S = 0.3
+
+
 def _exit_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     _comm.finalize()
+    if code != 0 and _runtime is not None:
+        # MPI_Finalize returns on every rank together, but the engines still tear their
+        # interpreters down. mpiexec SIGKILLs every process still alive when one exits
+        # non-zero, and then reports status 9 instead of ours: let them finish first.
+        time.sleep(EXIT_GRACE_S)
     os._exit(code)
 
 

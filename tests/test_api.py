@@ -365,8 +365,9 @@ def test_console_script_run(tmp_path):
     script = tmp_path / "s.py"
     script.write_text("import sys\nfrom mpipub import Client\n"
                       "print('OK console', Client().ids, sys.argv[1:])\n")
-    from conftest import MPIEXEC, finish
     import subprocess
+
+    from conftest import MPIEXEC, finish
     proc = subprocess.Popen([MPIEXEC, "-n", "3", exe, "run", str(script), "--flag", "x"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

@@ -1,0 +1,107 @@
+"""Polling: idle engines cost almost no CPU, yet a busy or idle engine gets its messages fast.
+And abort(): a publishing task stops at its next publish_data, the engine serves on, and a
+queued task aborted before it started is skipped.
+
+These are behaviour checks with generous bounds (CI machines are noisy), not benchmarks.
+"""
+
+from __future__ import annotations
+
+
+def test_idle_engines_use_little_cpu_and_start_tasks_fast(mpi_script):
+    job = mpi_script("""
+        import statistics
+        import time
+        from mpipub import Client
+
+        c = Client()
+        dv = c[:]
+
+        def cpu():
+            import time
+            return time.process_time()
+
+        before = dict(zip(c.ids, dv.apply_sync(cpu)))
+        t0 = time.monotonic()
+        time.sleep(3.0)  # the 4 engines are idle
+        wall = time.monotonic() - t0
+        after = dict(zip(c.ids, dv.apply_sync(cpu)))
+        share = {e: (after[e] - before[e]) / wall for e in c.ids}
+        print('IDLE CPU share per engine:', {e: round(s, 4) for e, s in share.items()})
+        assert all(s < 0.10 for s in share.values()), share
+
+        # an idle engine (past its longest poll sleep) starts a task quickly
+        delays = []
+        for _ in range(9):
+            time.sleep(0.2)
+            t = time.time()
+            ar = c[2].apply_async(lambda: None)
+            ar.get(timeout=10)
+            delays.append(ar._rec.state[2].started - t)
+        med = statistics.median(delays)
+        print(f'START delay median {med * 1e3:.2f} ms: {[round(d * 1e3, 2) for d in delays]}')
+        assert med < 0.050, delays
+        print('DONE')
+    """, nranks=5, timeout=90)
+    assert job.returncode == 0, job.output
+    assert "DONE" in job.stdout, job.output
+
+
+def test_abort_reaches_a_publishing_task_promptly(mpi_script):
+    job = mpi_script("""
+        import time
+        from mpipub import Client, RemoteError, publish_data
+
+        c = Client()
+
+        def publish_forever():
+            import numpy as np
+            a = np.zeros(10_000)
+            i = 0
+            while True:
+                publish_data({'i': i, 'a': a})
+                i += 1
+                a += 1
+
+        def sleep_then_publish(s):
+            time.sleep(s)
+            publish_data({'x': 1})
+            return 'finished'
+
+        ar = c[1].apply_async(publish_forever)
+        while not ar.stats[1].publications:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        t = time.time()
+        ar.abort()
+        try:
+            ar.get(timeout=10)
+            raise AssertionError('no error')
+        except RemoteError as e:
+            assert e.ename == 'TaskAborted' and e.engine_id == 1, e
+            assert 'aborted by the client' in e.evalue and 'engine 1' in e.evalue, e.evalue
+        stopped = ar._rec.state[1].finished - t
+        print(f'ABORT stopped the task after {stopped * 1e3:.1f} ms')
+        assert stopped < 1.0, stopped
+        assert ar.data['i'] >= 1
+        # the engine serves on
+        assert c[1].apply_sync(lambda: 'alive') == 'alive'
+
+        # a queued task aborted before it starts is skipped; the one after it runs
+        first = c[2].apply_async(sleep_then_publish, 1.0)
+        queued = c[2].apply_async(sleep_then_publish, 0.0)
+        after = c[2].apply_async(lambda: 'after')
+        time.sleep(0.2)
+        queued.abort()
+        assert first.get(timeout=10) == 'finished'
+        try:
+            queued.get(timeout=10)
+            raise AssertionError('no error')
+        except RemoteError as e:
+            assert e.ename == 'TaskAborted', e
+        assert queued.data == {} and queued.stats[2].publications == 0, queued.data
+        assert after.get(timeout=10) == 'after'
+        print('DONE')
+    """, nranks=3, timeout=60)
+    assert job.returncode == 0, job.output
+    assert "DONE" in job.stdout, job.output
