@@ -113,7 +113,7 @@ class _Runtime:
         Serialisation happens here, in the user's thread, so an unpicklable function or
         argument fails at submit time with the culprit named."""
         self.check_open()
-        options: dict = {}
+        options: dict = {"main_file": _main_file()}
         for s in self.sinks:
             options.update(s.task_options())
         task_id = next(self.task_ids)
@@ -187,6 +187,12 @@ class _Runtime:
                 self.failed_sinks.append(s)
                 sys.stderr.write(f"mpipub: closing sink {s!r} failed: {exc!r}\n")
         self.sinks = []
+
+
+def _main_file() -> str | None:
+    """The client's script, for engines to name in tracebacks (None in a notebook)."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    return os.path.abspath(path) if isinstance(path, str) else None
 
 
 def _culprit(fn, args, kwargs) -> str:

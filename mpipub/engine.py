@@ -236,7 +236,11 @@ class Engine:
         self.task_options = {}
 
     def _error_info(self, exc: BaseException) -> tuple[str, str, str]:
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        tb_obj = exc.__traceback__
+        if tb_obj is not None and tb_obj.tb_next is not None and \
+                tb_obj.tb_frame.f_code is Engine.run_task.__code__:
+            tb_obj = tb_obj.tb_next  # start at the user's function, not at the engine loop
+        tb = "".join(traceback.format_exception(type(exc), exc, tb_obj))
         return (type(exc).__name__, str(exc), tb)
 
     def _bind(self, fn):
@@ -245,15 +249,29 @@ class Engine:
         they captured on the client travel with them and are set there first."""
         if isinstance(fn, types.FunctionType) and fn.__module__ == "__main__":
             ns = self.namespace
+            source = self.task_options.get("main_file")
             for k, v in fn.__globals__.items():
                 if not (k.startswith("__") and k.endswith("__")):
+                    if source and isinstance(v, types.FunctionType) and v.__module__ == "__main__":
+                        v.__code__ = _with_filename(v.__code__, source)
                     ns[k] = v
-            new = types.FunctionType(fn.__code__, ns, fn.__name__, fn.__defaults__, fn.__closure__)
+            code = _with_filename(fn.__code__, source) if source else fn.__code__
+            new = types.FunctionType(code, ns, fn.__name__, fn.__defaults__, fn.__closure__)
             new.__kwdefaults__ = fn.__kwdefaults__
             new.__dict__.update(fn.__dict__)
             new.__qualname__ = fn.__qualname__
             return new
         return fn
+
+
+def _with_filename(code: types.CodeType, path: str) -> types.CodeType:
+    """cloudpickle names the file of functions sent by value ``<dynamic-code>``; give them
+    back the client's script path so remote tracebacks show file and source lines."""
+    if code.co_filename != "<dynamic-code>":
+        return code
+    consts = tuple(_with_filename(c, path) if isinstance(c, types.CodeType) else c
+                   for c in code.co_consts)
+    return code.replace(co_filename=path, co_consts=consts)
 
 
 # -- tasks the client's views send (importable, so they travel by reference) --------------------

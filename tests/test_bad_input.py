@@ -304,9 +304,12 @@ def test_remote_errors_name_engine_host_type_message_and_traceback(mpi_script):
         except RemoteError as e:
             assert (e.engine_id, e.host, e.ename, e.evalue) == (2, host, 'ValueError',
                                                                 'bad value on 2'), e
-            # (cloudpickle >= 3.1 ships __main__ functions with co_filename '<dynamic-code>',
-            # so the remote traceback has line numbers but no source lines for them)
+            # the traceback starts in the user's function and names the client's script
+            # and source line (cloudpickle ships them as '<dynamic-code>'; the engine fixes it)
             assert 'in fail_on' in e.traceback, e.traceback
+            assert 'script1.py", line' in e.traceback, e.traceback
+            assert "raise ValueError(f'bad value on {me}')" in e.traceback, e.traceback
+            assert 'mpipub/engine.py' not in e.traceback, e.traceback
             assert e.traceback.rstrip().endswith('ValueError: bad value on 2'), e.traceback
             s = str(e)
             assert s.startswith(f'engine 2 ({host}) raised ValueError: bad value on 2'), s
