@@ -84,6 +84,9 @@ def publish_data(data: Mapping[str, Any], *, copy: bool = True) -> None:
             if problem:
                 raise PublishError(f"publish_data() cannot store key {key!r}: {problem} ({where})")
     eng.poll_aborts()
+    # retire finished sends before encoding, so their buffers are back in the pool and the
+    # copy goes into recycled memory, not fresh pages (a Testall on the oldest send: cheap)
+    eng.outbox.progress()
     try:
         enc = wire.encode(wire.DATA, eng.task_id, eng.step, data, pickle.dumps, copy=copy,
                           pool=eng.pool)

@@ -11,7 +11,6 @@ import collections
 import os
 import sys
 import threading
-import time
 import traceback
 from typing import Callable
 
@@ -22,10 +21,6 @@ from .comm import TAG_BUF, TAG_MSG, World
 POLL_MIN_S = 20e-6
 POLL_GROWTH = 1.5
 POLL_MAX_S = float(os.environ.get("MPIPUB_CLIENT_POLL_MAX_S", "0.0005"))
-#: After the last message, keep polling without sleeping (sched_yield only) this long: while
-#: engines stream, a sleep of even 20 us (~80 us in practice) lets their sends pile up and
-#: stalls them at their bound (measured: 64 KiB and small publications 2-3x slower).
-POLL_SPIN_S = float(os.environ.get("MPIPUB_CLIENT_POLL_SPIN_S", "0.001"))
 BATCH = 256  # messages received before looking at the outbox again
 
 
@@ -68,8 +63,6 @@ class IOThread(threading.Thread):
         any_source = MPI.ANY_SOURCE
         sleep = POLL_MIN_S
         outq, outbox, route = self.outq, self.outbox, self.route
-        perf_counter, sched_yield = time.perf_counter, os.sched_yield
-        last_work = 0.0
         while True:
             worked = False
             while outq:
@@ -89,11 +82,6 @@ class IOThread(threading.Thread):
                 worked = True
             if worked:
                 sleep = POLL_MIN_S
-                last_work = perf_counter()
-                continue
-            if perf_counter() - last_work < POLL_SPIN_S:
-                # traffic is flowing: yield-spin, a sleep here would stall the senders
-                sched_yield()
                 continue
             self.wake.wait(sleep)
             self.wake.clear()

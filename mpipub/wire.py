@@ -32,8 +32,10 @@ _LEN = struct.Struct("<Q")
 ALIGN = 16
 
 #: Publications whose raw buffers total at most this many bytes travel as one MPI message.
-#: Measured with benchmarks/ (see README): below this size one message that carries a copy
-#: beats a header followed by a separate raw buffer.
+#: Measured (python -m mpipub.bench --only inline, row 1i; pip MPICH 5.0, 2 cores, 1 engine,
+#: copy mode, four runs): one message carrying a copy gave 0.9-1.7x (mostly above 1) the
+#: throughput of header + raw buffer from 1 KiB to 32 KiB, and 0.87-1.05x at 64-128 KiB,
+#: where the raw buffer's single-copy transfer takes over. So 32 KiB stays, now measured.
 INLINE_LIMIT = 32 * 1024
 
 # Message kinds.
@@ -182,8 +184,10 @@ class BufferPool:
 
 #: Waiting for a send at the bound (or at the end of a task) polls with a sleep that doubles
 #: from WAIT_MIN_S to WAIT_MAX_S (seconds) instead of spinning inside MPI.
-#: Before sleeping it yield-spins (sched_yield, so other ranks on the core run) for WAIT_SPIN_S.
-WAIT_SPIN_S = 1e-3
+#: Before sleeping it may yield-spin (sched_yield) for WAIT_SPIN_S; off by default: with 1 and 4
+#: engines on 2 cores a 1 ms yield-spin made no difference beyond the noise (benchmarks/), and
+#: spinning ranks starve rank 0 on oversubscribed nodes.
+WAIT_SPIN_S = float(os.environ.get("MPIPUB_WAIT_SPIN_S", "0"))
 WAIT_MIN_S = 20e-6
 WAIT_MAX_S = 1e-3
 

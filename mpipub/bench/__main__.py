@@ -28,7 +28,7 @@ MPIEXEC = shutil.which("mpiexec",
                        path=os.path.dirname(PY) + os.pathsep + os.environ.get("PATH", ""))
 
 FULL = {
-    "repeats": 5,
+    "repeats": 7,
     # (bytes per array, messages per repeat over all engines)
     "stream": [[KiB, 8000], [64 * KiB, 2000], [MiB, 256], [16 * MiB, 32]],
     "stream_engines": [1, 4],
@@ -298,7 +298,7 @@ def machine() -> dict:
         pass
     return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
             "os": platform.platform(), "python": platform.python_version(),
-            "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+            "mpi": " ".join(MPI.Get_library_version().splitlines()[0].split()),
             "mpi4py": mpi4py.__version__, "numpy": numpy.__version__}
 
 
@@ -419,7 +419,7 @@ def main(argv=None) -> int:
                        "command": " ".join(["python -m mpipub.bench", *(argv or sys.argv[1:])]),
                        "config": cfg},
               "rows": rows, "raw": raw}
-    (out / "latest.json").write_text(json.dumps(result, indent=1))
+    (out / "latest.json").write_text(json.dumps(result, separators=(",", ":")))
     md = table(result)
     (out / "latest.md").write_text(md)
     chart(result, out / "latest.png")

@@ -71,7 +71,8 @@ def run(cfg, tmp, rows, raw, row1) -> None:
 
     if importlib.util.find_spec("ipyparallel") is None:
         rows.append({"row": "9", "what": "peer: ipyparallel", "config": "-", "pending": True,
-                     "note": "not measured: ipyparallel is not installed (pip install ipyparallel)"})
+                     "note": "not measured: ipyparallel is not installed "
+                             "(pip install ipyparallel)"})
         return
     sizes = [[1 << 10, 2000], [64 << 10, 400], [1 << 20, 64], [16 << 20, 8]]
     out = tmp / "ipp.json"

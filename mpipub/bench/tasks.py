@@ -13,13 +13,14 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from mpipub import engine as _engine
 from mpipub import publish_data
 
 TAG = 77  # raw baseline traffic, on COMM_WORLD
 
 #: the engines' default send bounds (engine.Engine): raw senders use the same window
-WINDOW_COUNT = 1024
-WINDOW_BYTES = 512 << 20
+WINDOW_COUNT = getattr(_engine, "MAX_OUTSTANDING_COUNT", 1024)
+WINDOW_BYTES = getattr(_engine, "MAX_OUTSTANDING_BYTES", 512 << 20)
 
 _arrays: dict = {}
 

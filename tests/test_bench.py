@@ -1,0 +1,58 @@
+"""The benchmark suite works (``python -m mpipub.bench --quick``): it runs its mpiexec jobs and
+writes a well-formed JSON, table and chart. It never asserts a speed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import MPIEXEC, ROOT, mpi_env
+
+pytestmark = pytest.mark.skipif(not MPIEXEC, reason="mpiexec not found")
+
+
+def test_bench_quick(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.Popen([sys.executable, "-m", "mpipub.bench", "--quick", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=mpi_env(), cwd=tmp_path, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"bench --quick did not finish in 120 s\n{stdout}\n{stderr}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, stdout + stderr
+    res = json.loads((out / "latest.json").read_text())
+    assert res["meta"]["quick"] is True
+    assert {"cpu", "cores", "mpi", "mpi4py"} <= set(res["meta"]["machine"])
+    rows = res["rows"]
+    got = {r["row"] for r in rows}
+    assert {"1", "2", "3", "4", "5", "6", "8"} <= got, got
+    assert "7" in got  # measured, or marked pending
+    for r in rows:
+        if r.get("pending"):
+            continue
+        assert not r.get("error"), r
+        for side in ("baseline", "mpipub"):
+            reps = r[side]["repeats"]
+            assert reps and all(isinstance(x, (int, float)) and x >= 0 for x in reps), r
+        assert isinstance(r["ratio"], (int, float)) and r["ratio"] >= 0
+        assert r["met"] is None or isinstance(r["met"], bool)
+    assert res["raw"], "the JSON keeps every job's raw repeats"
+    png = (out / "latest.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    md = (out / "latest.md").read_text()
+    assert "| # | what |" in md and md.count("\n|") >= len(rows) + 1
+    assert "| # | what |" in stdout
+    assert str(ROOT)  # the package under test is this checkout (conftest's PYTHONPATH)
