@@ -159,25 +159,27 @@ class _Runtime:
         while not self.bye_event.is_set() and self.io.error is None:
             if time.monotonic() > deadline:
                 missing = sorted(set(self.ids) - self.byes)
-                sys.stderr.write(f"mpipub: engines {missing} did not stop within {timeout} s "
-                                 "(a task that never calls publish_data cannot be aborted); "
-                                 "aborting the MPI job\n")
-                sys.stderr.flush()
-                self._close_sinks()
-                self.world.MPI.COMM_WORLD.Abort(1)
+                self._abort_job(f"engines {missing} did not stop within {timeout} s (a task "
+                                "that never calls publish_data cannot be aborted)")
             self.bye_event.wait(0.05)
         if not self.bye_event.is_set():
             # The I/O thread died, so engines' byes (and their pending sends) can no longer be
             # received: MPI_Finalize would wait for them forever. End the job instead.
             missing = sorted(set(self.ids) - self.byes)
-            sys.stderr.write(f"mpipub: the client's I/O thread failed ({self.io.error!r}) "
-                             f"before engines {missing} stopped; aborting the MPI job\n")
-            sys.stderr.flush()
-            self._close_sinks()
-            self.world.MPI.COMM_WORLD.Abort(1)
+            self._abort_job(f"the client's I/O thread failed ({self.io.error!r}) before "
+                            f"engines {missing} stopped")
         self.io.stop()
         self.io.join(timeout=5)
         self._close_sinks()
+
+    def _abort_job(self, why: str) -> None:
+        """End the whole job with MPI_Abort, after saying why and closing the sinks."""
+        sys.stdout.flush()
+        sys.stderr.write(f"mpipub: {why}; aborting the MPI job\n")
+        sys.stderr.flush()
+        self._close_sinks()
+        time.sleep(0.2)  # let mpiexec forward the line before it tears the job down
+        self.world.MPI.COMM_WORLD.Abort(1)
 
     def _close_sinks(self) -> None:
         for s in self.sinks:

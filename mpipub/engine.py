@@ -57,8 +57,6 @@ class _ForwardedStream(io.TextIOBase):
         return True
 
     def write(self, s: str) -> int:
-        if self._original is not None:
-            self._original.write(s)
         self._pending.append(s)
         self._size += len(s)
         if "\n" in s or self._size > 8192:
@@ -66,13 +64,17 @@ class _ForwardedStream(io.TextIOBase):
         return len(s)
 
     def flush(self) -> None:
-        if self._original is not None:
-            self._original.flush()
         if self._pending:
             text = "".join(self._pending)
             self._pending.clear()
             self._size = 0
+            if self._original is not None:
+                # whole lines in one write, so engines' lines do not interleave mid-line
+                self._original.write(text)
+                self._original.flush()
             self._engine.send(wire.OUTPUT, self._which, text)
+        elif self._original is not None:
+            self._original.flush()
 
     @property
     def encoding(self):
