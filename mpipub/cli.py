@@ -7,7 +7,7 @@ import argparse
 import sys
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(sink_commands: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpipub", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run SCRIPT on rank 0 with engines on every other rank",
@@ -23,18 +23,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="do not store keys matching this pattern (repeatable)")
     r.add_argument("script")
     r.add_argument("args", nargs=argparse.REMAINDER)
-    try:
+    if sink_commands:  # not needed to start a run (start-up time counts on every rank)
         from . import sinkcli
-    except ImportError:
-        sinkcli = None
-    if sinkcli is not None:
+
         sinkcli.add_commands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mpipub`` and ``python -m mpipub``."""
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser(sink_commands=argv[:1] != ["run"]).parse_args(argv)
     if args.command == "run":
         from .runner import run_script
 

@@ -336,12 +336,7 @@ def _exit_cleanly_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 
-def serve_and_exit(world: _comm.World) -> None:
-    """Engine ranks: serve tasks until the client stops us, then end the process (status 0)."""
-    _engine.Engine(world).serve()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    sys.exit(0)
+serve_and_exit = _engine.serve_and_exit
 
 
 def _targets(key, ids: list[int]) -> list[int] | int:

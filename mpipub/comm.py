@@ -7,8 +7,6 @@ runtime messages; tasks get a communicator holding the engines only (``engine_co
 from __future__ import annotations
 
 import os
-import socket
-from dataclasses import dataclass
 
 from .errors import LaunchError
 
@@ -41,16 +39,23 @@ def _mpi():
     return MPI
 
 
-@dataclass
 class World:
     """The communicators and facts every part of the runtime needs."""
 
-    MPI: object
-    comm: object  # runtime communicator: Dup of COMM_WORLD
-    engines: object  # engines-only communicator (on rank 0: a communicator of itself)
-    rank: int
-    size: int
-    hosts: list  # host name of every rank, by rank
+    __slots__ = ("MPI", "comm", "engines", "rank", "size", "hosts")
+
+    def __init__(self, MPI, comm, engines, rank: int, size: int, hosts: list):
+        self.MPI = MPI  # the mpi4py.MPI module
+        self.comm = comm  # runtime communicator: Dup of COMM_WORLD
+        self.engines = engines  # engines-only communicator (on rank 0: one of itself)
+        self.rank = rank
+        self.size = size
+        self.hosts = hosts  # host name of every rank, by rank
+
+
+def hostname() -> str:
+    """This node's name (no socket import: start-up time matters on every rank)."""
+    return os.uname().nodename
 
 
 _world: World | None = None
@@ -79,7 +84,7 @@ def world() -> World:
     comm.Set_name("mpipub-runtime")
     engines = cw.Split(color=0 if rank == CLIENT_RANK else 1, key=rank)
     engines.Set_name("mpipub-engines")
-    hosts = comm.allgather(socket.gethostname())
+    hosts = comm.allgather(hostname())
     _world = World(MPI=MPI, comm=comm, engines=engines, rank=rank, size=size, hosts=hosts)
     return _world
 

@@ -12,13 +12,9 @@ import io
 import os
 import pickle
 import signal
-import socket
 import sys
 import time
-import traceback
 import types
-
-import cloudpickle
 
 from . import wire
 from .comm import CLIENT_RANK, TAG_ABORT, TAG_BUF, TAG_CBUF, TAG_CTRL, TAG_MSG, World
@@ -35,6 +31,21 @@ MAX_OUTSTANDING_BYTES = int(os.environ.get("MPIPUB_MAX_OUTSTANDING_BYTES", str(2
 MAX_OUTSTANDING_COUNT = int(os.environ.get("MPIPUB_MAX_OUTSTANDING_COUNT", "1024"))
 
 _current: Engine | None = None
+
+
+def _cloudpickle():
+    """cloudpickle, imported when the first result is sent (keeps engine start-up light)."""
+    import cloudpickle
+
+    return cloudpickle
+
+
+def serve_and_exit(world: World) -> None:
+    """Engine ranks: serve tasks until the client stops us, then end the process (status 0)."""
+    Engine(world).serve()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(0)
 
 
 def current_engine() -> Engine | None:
@@ -96,7 +107,7 @@ class Engine:
         self.comm = world.comm
         self.MPI = world.MPI
         self.rank = world.rank
-        self.host = socket.gethostname()
+        self.host = world.hosts[world.rank]
         self.pool = wire.BufferPool()
         self.outbox = wire.Outbox(self.comm, self.MPI, max_bytes=max_outstanding_bytes,
                                   max_count=max_outstanding_count, pool=self.pool)
@@ -227,12 +238,12 @@ class Engine:
         t1 = time.time()
         try:
             self.outbox.flush()  # every publication completes before the result is sent
-            self.send(wire.RESULT, self.step, (ok, value, t0, t1), cloudpickle.dumps)
+            self.send(wire.RESULT, self.step, (ok, value, t0, t1), _cloudpickle().dumps)
         except Exception as exc:  # noqa: BLE001 - e.g. the result cannot be pickled
             info = self._error_info(exc)
             info = (info[0], f"the task's return value could not be sent to the client: {info[1]}",
                     info[2])
-            self.send(wire.RESULT, self.step, (False, info, t0, t1), cloudpickle.dumps)
+            self.send(wire.RESULT, self.step, (False, info, t0, t1), _cloudpickle().dumps)
         self.outbox.flush()
         self.task_id = None
         self.task_options = {}
@@ -242,6 +253,8 @@ class Engine:
         if tb_obj is not None and tb_obj.tb_next is not None and \
                 tb_obj.tb_frame.f_code is Engine.run_task.__code__:
             tb_obj = tb_obj.tb_next  # start at the user's function, not at the engine loop
+        import traceback
+
         tb = "".join(traceback.format_exception(type(exc), exc, tb_obj))
         return (type(exc).__name__, str(exc), tb)
 

@@ -7,11 +7,8 @@ Like ``python -m mpi4py.futures``: every rank starts the runtime; rank 0 runs th
 from __future__ import annotations
 
 import os
-import runpy
 import sys
-import traceback
 
-from . import client as _client
 from . import comm as _comm
 
 
@@ -20,7 +17,14 @@ def run_script(script: str, args: list[str], sink: str | None = None,
     """Run ``script`` on rank 0 with engines on the other ranks; return its exit status."""
     world = _comm.world()
     if world.rank != _comm.CLIENT_RANK:
-        _client.serve_and_exit(world)
+        from .engine import serve_and_exit  # engines never import the client side
+
+        serve_and_exit(world)
+    import runpy
+    import traceback
+
+    from . import client as _client
+
     if not os.path.isfile(script):
         sys.stderr.write(f"mpipub run: no such script: {script}\n")
         _client.Client()  # so that close() stops the engines

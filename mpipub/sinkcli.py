@@ -5,8 +5,6 @@ from __future__ import annotations
 import sys
 import time
 
-import numpy as np
-
 
 def add_commands(sub) -> None:
     i = sub.add_parser("info", help="tasks, engines, keys, dtypes, shapes, steps and times of "
@@ -58,6 +56,8 @@ def _describe_leaf(ed, path) -> str:
 
 
 def cmd_info(args) -> int:
+    import numpy as np
+
     try:
         run = _open(args.path)
     except Exception as exc:  # noqa: BLE001 - one line, no traceback
@@ -87,6 +87,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    import numpy as np
+
     try:
         run = _open(args.path)
         t = run.task(args.task)

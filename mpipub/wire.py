@@ -21,9 +21,6 @@ import os
 import pickle
 import struct
 import time
-from typing import Any, Callable
-
-import numpy as np
 
 MAGIC = 0xB5
 # magic kind inline pad nbufs task_id step time bodylen
@@ -46,6 +43,25 @@ BYE = 4  # engine -> client: the engine stops serving
 TASK = 5  # client -> engine: (kind of task, function, args, kwargs, options)
 STOP = 6  # client -> engine: stop serving
 ABORT = 7  # client -> engine: abort task_id
+
+
+TYPE_CHECKING = False  # (no typing import at start-up)
+if TYPE_CHECKING:
+    from typing import Any, Callable
+
+
+def _np():
+    """numpy, imported on first use: a job that never sends an array does not pay for it
+    (import time is most of an empty job's start-up on a small node)."""
+    import numpy
+
+    return numpy
+
+
+def _empty(nbytes: int):
+    """Uninitialised bytes to receive into (numpy: no zero-fill of large buffers)."""
+    np = _np()
+    return np.empty(nbytes, np.uint8)
 
 
 def _pad(n: int) -> int:
@@ -106,8 +122,9 @@ def encode(
     if copy:
         bufs = []
         for r in raws:
-            dst = pool.take(r.nbytes) if pool is not None else np.empty(r.nbytes, np.uint8)
+            dst = pool.take(r.nbytes) if pool is not None else _empty(r.nbytes)
             if r.nbytes:
+                np = _np()
                 np.copyto(dst, np.frombuffer(r, np.uint8))
             bufs.append(dst)
     else:
@@ -129,7 +146,7 @@ def recv_message(comm, MPI, msg, status, buf_tag: int) -> Message:
     """Receive a matched header and the raw buffers that follow it from the same sender."""
     n = status.Get_count(MPI.BYTE)
     source = status.Get_source()
-    header = np.empty(n, np.uint8)
+    header = bytearray(n)
     msg.Recv([header, MPI.BYTE])
     mv = memoryview(header)
     magic, kind, inline, nbufs, task_id, step, t, bodylen = _FIXED.unpack_from(mv, 0)
@@ -151,7 +168,7 @@ def recv_message(comm, MPI, msg, status, buf_tag: int) -> Message:
         m.nbytes = n
     else:
         for nb in lens:
-            b = np.empty(nb, np.uint8)
+            b = _empty(nb)
             comm.Recv([b, MPI.BYTE], source=source, tag=buf_tag)
             bufs.append(b)
         m.nbytes = n + sum(lens)
@@ -173,11 +190,11 @@ class BufferPool:
         if lst:
             self.idle_bytes -= nbytes
             return lst.pop()
-        return np.empty(nbytes, np.uint8)
+        return _empty(nbytes)
 
     def give(self, buf) -> None:
         n = buf.nbytes
-        if n >= 4096 and self.idle_bytes + n <= self.max_bytes and isinstance(buf, np.ndarray):
+        if n >= 4096 and self.idle_bytes + n <= self.max_bytes and not isinstance(buf, memoryview):
             self._free[n].append(buf)
             self.idle_bytes += n
 
