@@ -19,6 +19,19 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _interleaved(run, modes: list, repeats: int, amount: float) -> dict:
+    """Warm every mode up once, then time ``repeats`` rounds, rotating which mode goes first
+    (so drift on a shared machine hits every mode alike); return amount/second per repeat."""
+    for m in modes:
+        run(m)
+    reps: dict = {m: [] for m in modes}
+    for r in range(repeats):
+        order = modes[r % len(modes):] + modes[:r % len(modes)]
+        for m in order:
+            reps[m].append(amount / _timed(lambda m=m: run(m)))
+    return reps
+
+
 def stream_case(c, nbytes: int, total: int, modes: list, repeats: int) -> dict:
     """Throughput (bytes/s reaching rank 0) for each mode; modes rotate between repeats."""
     view = c[:]
@@ -42,14 +55,8 @@ def stream_case(c, nbytes: int, total: int, modes: list, repeats: int) -> dict:
             assert pubs == total, (pubs, total)
             assert ar.data[0]["a"].nbytes == tasks.array(nbytes).nbytes
 
-    for m in modes:  # warm-up: every mode once
-        run(m)
-    reps: dict = {m: [] for m in modes}
     nb = total * tasks.array(nbytes).nbytes
-    for r in range(repeats):
-        order = modes[r % len(modes):] + modes[:r % len(modes)]
-        for m in order:
-            reps[m].append(nb / _timed(lambda m=m: run(m)))
+    reps = _interleaved(run, modes, repeats, nb)
     return {"nbytes": nbytes, "engines": n, "messages": total, "bytes": nb, "unit": "B/s",
             "repeats": reps}
 
@@ -70,13 +77,7 @@ def small_case(c, kind: str, total: int, repeats: int) -> dict:
             ar.get()
             assert sum(s.publications for s in ar.stats.values()) == total
 
-    modes = ["raw", "mpipub"]
-    for m in modes:
-        run(m)
-    reps: dict = {m: [] for m in modes}
-    for r in range(repeats):
-        for m in (modes if r % 2 == 0 else modes[::-1]):
-            reps[m].append(total / _timed(lambda m=m: run(m)))
+    reps = _interleaved(run, ["raw", "mpipub"], repeats, total)
     return {"kind": kind, "engines": n, "messages": total, "unit": "msg/s", "repeats": reps}
 
 
