@@ -21,15 +21,35 @@ from .errors import CompositeError, MpipubError, RemoteError
 _SLICE_S = 0.1  # longest uninterrupted wait in the user's thread
 
 
-@dataclass(frozen=True)
 class Publication:
-    """One ``publish_data`` call as the client received it."""
+    """One ``publish_data`` call as the client received it (read-only).
 
-    engine: int  #: engine id (MPI rank)
-    step: int  #: per-engine, per-task counter starting at 0
-    time: float  #: when the engine called publish_data (time.time() there)
-    received: float  #: when rank 0 received it
-    data: dict  #: what was published in that call (not merged)
+    ``engine``: engine id (MPI rank); ``step``: per-engine, per-task counter starting at 0;
+    ``time``: when the engine called publish_data (time.time() there); ``received``: when
+    rank 0 received it; ``data``: what was published in that call (not merged).
+    """
+
+    # A plain slotted class, not a frozen dataclass: one is built per message on rank 0's
+    # I/O thread, and a frozen dataclass's __init__ costs several times as much.
+    __slots__ = ("engine", "step", "time", "received", "data")
+
+    def __init__(self, engine: int, step: int, time: float, received: float, data: dict):
+        self.engine = engine
+        self.step = step
+        self.time = time
+        self.received = received
+        self.data = data
+
+    def __repr__(self) -> str:
+        return (f"Publication(engine={self.engine}, step={self.step}, time={self.time!r}, "
+                f"received={self.received!r}, data={self.data!r})")
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Publication):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]  (data is a dict)
 
 
 @dataclass

@@ -153,7 +153,7 @@ def recv_message(comm, MPI, msg, status, buf_tag: int) -> Message:
     if magic != MAGIC:
         raise ValueError(f"rank {source} sent a message that is not mpipub's (bad magic byte)")
     off = _FIXED.size
-    lens = [_LEN.unpack_from(mv, off + 8 * i)[0] for i in range(nbufs)]
+    lens = [_LEN.unpack_from(mv, off + 8 * i)[0] for i in range(nbufs)] if nbufs else ()
     off += 8 * nbufs
     m = Message()
     m.source, m.kind, m.task_id, m.step, m.time = source, kind, task_id, step, t
