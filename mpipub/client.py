@@ -239,7 +239,7 @@ class Client:
                  **sink_options: Any):
         world = _comm.world()
         if world.rank != CLIENT_RANK:
-            serve_and_exit(world)
+            _engine.serve_and_exit(world)
         global _runtime
         with _runtime_lock:
             if _runtime is None:
@@ -336,7 +336,6 @@ def _exit_cleanly_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 
-serve_and_exit = _engine.serve_and_exit
 
 
 def _targets(key, ids: list[int]) -> list[int] | int:

@@ -17,9 +17,6 @@ from . import wire
 from .comm import CLIENT_RANK
 from .errors import MpipubError, PublishError
 
-#: Largest single value: MPI large-count sends carry it, but rank 0 must hold it in memory.
-MAX_VALUE_BYTES = 1 << 62
-
 
 def _mpi_rank_if_running() -> int | None:
     """This process's COMM_WORLD rank if mpi4py has already initialised MPI, else None
@@ -84,12 +81,8 @@ def publish_data(data: Mapping[str, Any], *, copy: bool = True) -> None:
             if problem:
                 raise PublishError(f"publish_data() cannot store key {key!r}: {problem} ({where})")
     eng.poll_aborts()
-    # retire finished sends before encoding, so their buffers are back in the pool and the
-    # copy goes into recycled memory, not fresh pages (a Testall on the oldest send: cheap)
-    eng.outbox.progress()
     try:
-        enc = wire.encode(wire.DATA, eng.task_id, eng.step, data, pickle.dumps, copy=copy,
-                          pool=eng.pool)
+        enc = eng.encode(wire.DATA, eng.step, data, pickle.dumps, copy)
     except Exception as exc:  # noqa: BLE001 - find which key could not be pickled
         raise _pickle_error(data, exc, where) from exc
     eng.step += 1

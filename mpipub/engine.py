@@ -123,9 +123,15 @@ class Engine:
         self.deferred_signal: int | None = None
 
     # -- sending ------------------------------------------------------------------------------
+    def encode(self, kind: int, step: int, obj, dumps=pickle.dumps,
+               copy: bool = True) -> wire.Encoded:
+        """Encode a message for the client, after retiring finished sends (their buffers go
+        back to the pool, so a copy lands in recycled memory rather than fresh pages)."""
+        self.outbox.progress()
+        return wire.encode(kind, self.task_id or 0, step, obj, dumps, copy=copy, pool=self.pool)
+
     def send(self, kind: int, step: int, obj, dumps=pickle.dumps, copy: bool = True) -> None:
-        enc = wire.encode(kind, self.task_id or 0, step, obj, dumps, copy=copy, pool=self.pool)
-        self.post(enc)
+        self.post(self.encode(kind, step, obj, dumps, copy))
 
     def post(self, enc: wire.Encoded) -> None:
         """Send ``enc`` to the client. A Ctrl-C / SIGTERM that arrives meanwhile is raised only

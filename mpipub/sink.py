@@ -176,6 +176,8 @@ class Sink:
         self._cv = threading.Condition()
         self._closed = False
         self._series: dict = {}
+        # (engine group, parent, 'ds'|'grp') -> child names taken there
+        self._names: dict = collections.defaultdict(set)
         self._engines: dict = {}  # (task, engine) -> _Engine
         self._tasks: dict = {}  # task -> group path
         self._ds: dict = {}  # path -> open Dataset (cleared on reopen)
@@ -391,7 +393,7 @@ class Sink:
         rows: dict = collections.defaultdict(list)  # data_path -> [(series, step, value)]
         eng_rows: dict = collections.defaultdict(list)  # (task, engine) -> [(step, t, recv)]
         ends: list = []
-        names = self._names_in_use
+        names = self._names
         for item in batch:
             kind = item[0]
             if kind == "data":
@@ -443,12 +445,6 @@ class Sink:
         return bool(ends)
 
     # -- structure ------------------------------------------------------------------------------
-    @property
-    def _names_in_use(self) -> dict:
-        if not hasattr(self, "_names"):
-            self._names: dict = collections.defaultdict(set)  # parent path -> child names
-        return self._names
-
     def _new_task(self, info: dict, creates: list) -> None:
         g = "/" + L.TASK_FMT.format(info["task_id"])
         self._tasks[info["task_id"]] = g

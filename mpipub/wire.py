@@ -17,7 +17,6 @@ Inline buffers start on 16-byte boundaries so the arrays rebuilt from them are a
 from __future__ import annotations
 
 import collections
-import os
 import pickle
 import struct
 import time
@@ -200,11 +199,8 @@ class BufferPool:
 
 
 #: Waiting for a send at the bound (or at the end of a task) polls with a sleep that doubles
-#: from WAIT_MIN_S to WAIT_MAX_S (seconds) instead of spinning inside MPI.
-#: Before sleeping it may yield-spin (sched_yield) for WAIT_SPIN_S; off by default: with 1 and 4
-#: engines on 2 cores a 1 ms yield-spin made no difference beyond the noise (benchmarks/), and
-#: spinning ranks starve rank 0 on oversubscribed nodes.
-WAIT_SPIN_S = float(os.environ.get("MPIPUB_WAIT_SPIN_S", "0"))
+#: from WAIT_MIN_S to WAIT_MAX_S (seconds) instead of spinning inside MPI (a yield-spin first
+#: made no difference beyond the noise, and spinning ranks starve rank 0 when oversubscribed).
 WAIT_MIN_S = 20e-6
 WAIT_MAX_S = 1e-3
 
@@ -229,9 +225,11 @@ class Outbox:
         self.waited_s = 0.0  # time spent waiting at the bound (back-pressure)
 
     def send(self, enc: Encoded, dest: int, tag_head: int, tag_buf: int) -> None:
-        """Post the sends for ``enc``; first wait for old sends while over the bound."""
+        """Post the sends for ``enc``; first wait for old sends while over the bound.
+
+        Callers call ``progress()`` before encoding (the engine does it in ``Engine.encode``),
+        so finished sends' buffers are back in the pool when the copy is made."""
         MPI = self.MPI
-        self.progress()
         while self._pending and (
             self.outstanding_bytes + enc.nbytes > self.max_bytes
             or len(self._pending) >= self.max_count
@@ -261,13 +259,6 @@ class Outbox:
         reqs = self._pending[0][0]
         testall = self.MPI.Request.Testall
         if not testall(reqs):
-            # first yield-spin (the receiver is usually draining: react within microseconds),
-            # then sleep with a growing backoff (a receiver that is slow for long)
-            spin_end = time.perf_counter() + WAIT_SPIN_S
-            while not testall(reqs):
-                if time.perf_counter() > spin_end:
-                    break
-                os.sched_yield()
             sleep = WAIT_MIN_S
             while not testall(reqs):
                 time.sleep(sleep)
