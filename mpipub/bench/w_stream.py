@@ -32,12 +32,16 @@ def _interleaved(run, modes: list, repeats: int, amount: float) -> dict:
     return reps
 
 
-def stream_case(c, nbytes: int, total: int, modes: list, repeats: int) -> dict:
-    """Throughput (bytes/s reaching rank 0) for each mode; modes rotate between repeats."""
-    view = c[:]
+def _share(c, total: int):
+    """All engines, their count, messages per engine, and the total rounded to a multiple."""
     n = len(c)
     per = max(1, total // n)
-    total = per * n
+    return c[:], n, per, per * n
+
+
+def stream_case(c, nbytes: int, total: int, modes: list, repeats: int) -> dict:
+    """Throughput (bytes/s reaching rank 0) for each mode; modes rotate between repeats."""
+    view, n, per, total = _share(c, total)
 
     def run(mode):
         if mode == "raw":
@@ -62,10 +66,7 @@ def stream_case(c, nbytes: int, total: int, modes: list, repeats: int) -> dict:
 
 
 def small_case(c, kind: str, total: int, repeats: int) -> dict:
-    view = c[:]
-    n = len(c)
-    per = max(1, total // n)
-    total = per * n
+    view, n, per, total = _share(c, total)
 
     def run(mode):
         if mode == "raw":
