@@ -103,24 +103,29 @@ class TaskRecord:
         self.data_waiters = 0
 
     # -- called by the I/O thread ---------------------------------------------------------------
-    def on_data(self, engine: int, step: int, t_pub: float, data: dict, nbytes: int) -> None:
+    def on_publications(self, engine: int, pubs: list) -> None:
+        """One received batch: ``[(step, publish time, dict, nbytes), ...]`` in step order."""
         now = time.time()
         st = self.state[engine]
         merged = st.data.copy()
-        merged.update(data)
-        pub = Publication(engine, step, t_pub, now, data)
+        for p in pubs:
+            merged.update(p[2])
+        step, t_pub = pubs[-1][0], pubs[-1][1]
         with self.cond:
             st.data = merged
             s = st.stats
-            s.publications += 1
-            s.bytes += nbytes
+            s.publications += len(pubs)
+            history = self.history
+            for p in pubs:
+                nb = p[3]
+                s.bytes += nb
+                history.append((Publication(engine, p[0], p[1], now, p[2]), nb))
+                self.history_size += nb
             s.last_step = step
             s.last_time = now
             s.lag = now - t_pub
-            self.history.append((pub, nbytes))
-            self.history_size += nbytes
-            while self.history_size > self.history_limit and len(self.history) > 1:
-                _, n = self.history.popleft()
+            while self.history_size > self.history_limit and len(history) > 1:
+                _, n = history.popleft()
                 self.history_size -= n
                 self.history_first += 1
                 self.history_dropped += 1

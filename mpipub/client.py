@@ -26,6 +26,7 @@ from .asyncresult import AsyncMapResult, AsyncResult, TaskRecord
 from .comm import CLIENT_RANK, TAG_ABORT, TAG_CBUF, TAG_CTRL
 from .errors import MpipubError
 from .iothread import IOThread
+from .packing import unpack
 
 #: How long ``close()`` waits for engines to stop before it aborts the MPI job.
 CLOSE_TIMEOUT_S = float(os.environ.get("MPIPUB_CLOSE_TIMEOUT_S", "10"))
@@ -71,14 +72,15 @@ class _Runtime:
             return
         if m.kind == wire.DATA:
             try:
-                data = m.decode()
+                pubs = unpack(m.body, m.buffers)
             except Exception as exc:  # noqa: BLE001
-                sys.stderr.write(f"mpipub: engine {m.source}, task {m.task_id}, step {m.step}: "
-                                 f"publication could not be unpickled on the client: {exc!r}\n")
+                sys.stderr.write(f"mpipub: engine {m.source}, task {m.task_id}, steps from "
+                                 f"{m.step}: publications could not be decoded on the client: "
+                                 f"{exc!r}\n")
                 return
             for s in self.sinks:
-                s.on_data(rec, m, data)
-            rec.on_data(m.source, m.step, m.time, data, m.nbytes)
+                s.on_publications(rec, m.source, pubs)
+            rec.on_publications(m.source, pubs)
         elif m.kind == wire.RESULT:
             try:
                 ok, value, t0, t1 = m.decode()

@@ -7,15 +7,14 @@ past the bound the call waits for the oldest send (the producer slows down, noth
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 from typing import Any
 
 from . import comm as _comm
 from . import engine as _engine
-from . import wire
 from .comm import CLIENT_RANK
 from .errors import MpipubError, PublishError
+from .packing import ValueNotSendable
 
 
 def _mpi_rank_if_running() -> int | None:
@@ -55,48 +54,44 @@ def _not_in_task_error() -> MpipubError:
 def publish_data(data: Mapping[str, Any], *, copy: bool = True) -> None:
     """Publish ``data`` (a dict of str -> value) from the running task to the client.
 
-    Numpy arrays (and other buffer-protocol objects) travel as raw buffers; other values are
-    pickled. The client sees the latest value of every key in ``AsyncResult.data`` and every
-    publication in ``AsyncResult.stream()``. With ``copy=False`` the arrays are sent from their
-    own memory: the caller promises not to modify them until later calls return (it is faster
-    for large arrays, and wrong if the promise is broken).
+    Returns at once: numpy arrays are copied (so the caller may change them right away) and
+    travel as raw bytes, several calls coalesced into one MPI message when they come fast
+    (``mpipub.sender``); other values are pickled. The client sees the latest value of every
+    key in ``AsyncResult.data`` and every publication in ``AsyncResult.stream()``.
+    With ``copy=False`` arrays over 256 KiB are sent from their own memory: the caller
+    promises not to modify them until the task function returns (faster for large arrays,
+    wrong if the promise is broken).
     """
-    eng = _engine.current_engine()
+    eng = _engine._current
     if eng is None or eng.task_id is None:
         raise _not_in_task_error()
-    where = f"engine {eng.rank}, task {eng.task_id}, step {eng.step}"
-    if not isinstance(data, Mapping):
-        raise PublishError(
-            f"publish_data() takes a dict of name -> value, got {type(data).__name__} ({where})"
-        )
+    if type(data) is not dict:
+        if not isinstance(data, Mapping):
+            raise PublishError(f"publish_data() takes a dict of name -> value, got "
+                               f"{type(data).__name__} ({_where(eng)})")
+        data = dict(data)
     for key in data:
-        if not isinstance(key, str):
+        if type(key) is not str and not isinstance(key, str):
             raise PublishError(f"publish_data() keys must be str, got {key!r} "
-                               f"of type {type(key).__name__} ({where})")
-    data = dict(data)
-    checker = eng.task_options.get("check_value")
+                               f"of type {type(key).__name__} ({_where(eng)})")
+    checker = eng.check_value
     if checker is not None:
         for key, value in data.items():
             problem = checker(key, value)
             if problem:
-                raise PublishError(f"publish_data() cannot store key {key!r}: {problem} ({where})")
-    eng.poll_aborts()
+                raise PublishError(f"publish_data() cannot store key {key!r}: {problem} "
+                                   f"({_where(eng)})")
     try:
-        enc = eng.encode(wire.DATA, eng.step, data, pickle.dumps, copy)
-    except Exception as exc:  # noqa: BLE001 - find which key could not be pickled
-        raise _pickle_error(data, exc, where) from exc
-    eng.step += 1
-    eng.post(enc)  # a Ctrl-C / SIGTERM is raised only after the sends are posted
+        eng.publish(data, copy)
+    except ValueNotSendable as e:
+        raise PublishError(
+            f"publish_data() cannot send key {e.key!r}: value of type "
+            f"{type(data[e.key]).__name__} cannot be pickled ({e.exc}) ({_where(eng)})"
+        ) from e.exc
 
 
-def _pickle_error(data: dict, exc: Exception, where: str) -> PublishError:
-    for key, value in data.items():
-        try:
-            pickle.dumps(value, protocol=5, buffer_callback=lambda b: None)
-        except Exception as e:  # noqa: BLE001
-            return PublishError(f"publish_data() cannot send key {key!r}: value of type "
-                                f"{type(value).__name__} cannot be pickled ({e}) ({where})")
-    return PublishError(f"publish_data() could not serialise the data: {exc} ({where})")
+def _where(eng) -> str:
+    return f"engine {eng.rank}, task {eng.task_id}, step {eng.step}"
 
 
 def engine_comm():

@@ -17,8 +17,9 @@ import time
 import types
 
 from . import wire
-from .comm import CLIENT_RANK, TAG_ABORT, TAG_BUF, TAG_CBUF, TAG_CTRL, TAG_MSG, World
+from .comm import CLIENT_RANK, TAG_ABORT, TAG_CBUF, TAG_CTRL, World
 from .errors import TaskAborted
+from .sender import Sender
 
 #: Idle polling: first sleep, growth factor and longest sleep (seconds). The longest sleep
 #: bounds how long an idle engine takes to notice a task; see benchmarks/ for CPU vs latency.
@@ -26,9 +27,12 @@ POLL_MIN_S = 20e-6
 POLL_GROWTH = 1.5
 POLL_MAX_S = float(os.environ.get("MPIPUB_ENGINE_POLL_MAX_S", "0.002"))
 
-#: Bound on sends not yet completed by one engine; past it publish_data waits for the oldest.
+#: Bound on what one engine has sent and the client has not received yet (bytes, and
+#: publications); past it publish_data waits for the oldest send.
 MAX_OUTSTANDING_BYTES = int(os.environ.get("MPIPUB_MAX_OUTSTANDING_BYTES", str(256 << 20)))
 MAX_OUTSTANDING_COUNT = int(os.environ.get("MPIPUB_MAX_OUTSTANDING_COUNT", "1024"))
+#: A running task reads abort requests at most this often (seconds), from publish_data.
+ABORT_POLL_S = 0.001
 
 _current: Engine | None = None
 
@@ -108,13 +112,15 @@ class Engine:
         self.MPI = world.MPI
         self.rank = world.rank
         self.host = world.hosts[world.rank]
-        self.pool = wire.BufferPool()
-        self.outbox = wire.Outbox(self.comm, self.MPI, max_bytes=max_outstanding_bytes,
-                                  max_count=max_outstanding_count, pool=self.pool)
+        self.sender = Sender(self.comm, self.MPI, max_bytes=max_outstanding_bytes,
+                             max_count=max_outstanding_count)
+        self.outbox = self.sender.outbox
         self.namespace: dict = {"__name__": "__mpipub_engine__", "__builtins__": builtins}
         self.task_id: int | None = None
         self.task_options: dict = {}
+        self.check_value = None  # the sink's check of published values, when one is on
         self.step = 0
+        self._next_abort_poll = 0.0
         self.busy = False
         self.aborted: dict[int, str | None] = {}  # task id -> reason
         self._status = self.MPI.Status()
@@ -123,29 +129,42 @@ class Engine:
         self.deferred_signal: int | None = None
 
     # -- sending ------------------------------------------------------------------------------
-    def encode(self, kind: int, step: int, obj, dumps=pickle.dumps,
-               copy: bool = True) -> wire.Encoded:
-        """Encode a message for the client, after retiring finished sends (their buffers go
-        back to the pool, so a copy lands in recycled memory rather than fresh pages)."""
-        self.outbox.progress()
-        return wire.encode(kind, self.task_id or 0, step, obj, dumps, copy=copy, pool=self.pool)
-
-    def send(self, kind: int, step: int, obj, dumps=pickle.dumps, copy: bool = True) -> None:
-        self.post(self.encode(kind, step, obj, dumps, copy))
-
-    def post(self, enc: wire.Encoded) -> None:
-        """Send ``enc`` to the client. A Ctrl-C / SIGTERM that arrives meanwhile is raised only
-        once the message's sends are all posted and recorded: raised in between, it would leave
-        a header without its buffers (the client then waits for them forever) or a send whose
-        memory Python frees while MPI still reads it (the client gets garbage)."""
+    def publish(self, data, copy: bool) -> None:
+        """One publish_data call: read aborts now and then, then hand ``data`` to the sender.
+        Raises packing.ValueNotSendable for a value that cannot be serialised."""
+        t = time.time()
+        if t >= self._next_abort_poll:
+            self._next_abort_poll = t + ABORT_POLL_S
+            self.poll_aborts()
         self.sending = True
         try:
-            self.outbox.send(enc, CLIENT_RANK, TAG_MSG, TAG_BUF)
+            self.sender.publish(self.task_id, self.step, t, data, copy)
+            self.step += 1
         finally:
             self.sending = False
         if self.deferred_signal is not None:
-            signum, self.deferred_signal = self.deferred_signal, None
-            self._on_signal(signum, None)
+            self._raise_deferred()
+
+    def send(self, kind: int, step: int, obj, dumps=pickle.dumps, copy: bool = True) -> None:
+        """Send a message to the client, behind every publication made before it. A Ctrl-C /
+        SIGTERM that arrives meanwhile is raised only once the message is fully posted:
+        raised in between, it would leave a header without its buffers (the client then
+        waits for them forever) or a send whose memory Python frees while MPI reads it."""
+        with self.sender.lock:
+            self.sender.outbox.progress()  # finished sends' buffers back to the pool first
+            enc = wire.encode(kind, self.task_id or 0, step, obj, dumps, copy=copy,
+                              pool=self.sender.pool)
+        self.sending = True
+        try:
+            self.sender.send(enc)
+        finally:
+            self.sending = False
+        if self.deferred_signal is not None:
+            self._raise_deferred()
+
+    def _raise_deferred(self) -> None:
+        signum, self.deferred_signal = self.deferred_signal, None
+        self._on_signal(signum, None)
 
     # -- control from the client ------------------------------------------------------------
     def _recv(self, tag: int):
@@ -185,9 +204,9 @@ class Engine:
                     continue
                 sleep = POLL_MIN_S
                 if m.kind == wire.STOP:
-                    self.outbox.flush()
+                    self.sender.drain()
                     self.send(wire.BYE, 0, None)
-                    self.outbox.flush()
+                    self.sender.drain()
                     return
                 if m.kind == wire.TASK:
                     self.run_task(m)
@@ -195,6 +214,7 @@ class Engine:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
             _current = None
+            self.sender.close()
 
     def _on_signal(self, signum, frame):
         """Ctrl-C / SIGTERM reach every rank: a busy task is interrupted (the client gets its
@@ -222,6 +242,8 @@ class Engine:
         try:
             fn, args, kwargs, options = m.decode()
             self.task_options = options or {}
+            self.check_value = self.task_options.get("check_value")
+            self._next_abort_poll = 0.0
             fn = self._bind(fn)
             sys.stdout = _ForwardedStream(self, out, 1)
             sys.stderr = _ForwardedStream(self, err, 2)
@@ -243,16 +265,19 @@ class Engine:
             sys.stdout, sys.stderr = out, err
         t1 = time.time()
         try:
-            self.outbox.flush()  # every publication completes before the result is sent
+            # every publication completes before the result is sent (and zero-copy arrays
+            # are free for the caller again once the task has returned)
+            self.sender.drain()
             self.send(wire.RESULT, self.step, (ok, value, t0, t1), _cloudpickle().dumps)
         except Exception as exc:  # noqa: BLE001 - e.g. the result cannot be pickled
             info = self._error_info(exc)
             info = (info[0], f"the task's return value could not be sent to the client: {info[1]}",
                     info[2])
             self.send(wire.RESULT, self.step, (False, info, t0, t1), _cloudpickle().dumps)
-        self.outbox.flush()
+        self.sender.drain()
         self.task_id = None
         self.task_options = {}
+        self.check_value = None
 
     def _error_info(self, exc: BaseException) -> tuple[str, str, str]:
         tb_obj = exc.__traceback__

@@ -1,9 +1,9 @@
 """The HDF5 sink: every publication of every task, kept in one file that stays readable while
 the job runs (HDF5 SWMR) and after it is killed.
 
-Rank 0's I/O thread hands each publication to ``Sink.on_data``, which puts it on a queue
+Rank 0's I/O thread hands each publication to ``Sink.on_publications``, which queues it,
 bounded in bytes and items; a writer thread appends it. When the disk is slower than the
-engines, the queue fills, ``on_data`` blocks, the I/O thread stops receiving, the engines'
+engines, the queue fills, ``on_publications`` blocks, the I/O thread stops receiving, the engines'
 bounded outboxes fill and ``publish_data`` waits: memory stays bounded and every step lands.
 
 The writer batches what is queued: it waits until ``BATCH_BYTES`` are queued or the oldest
@@ -211,11 +211,15 @@ class Sink:
         }
         self._put(("start", info), 0)
 
-    def on_data(self, rec, m, data) -> None:
-        if self.include is not None or self.exclude is not None:
-            data = {k: v for k, v in data.items()
-                    if L.key_selected(k, self.include, self.exclude)}
-        self._put(("data", rec.task_id, m.source, m.step, m.time, time.time(), data), m.nbytes)
+    def on_publications(self, rec, engine: int, pubs: list) -> None:
+        """One received batch of ``engine``: ``[(step, publish time, dict, nbytes), ...]``."""
+        now = time.time()
+        selective = self.include is not None or self.exclude is not None
+        for step, t, data, nbytes in pubs:
+            if selective:
+                data = {k: v for k, v in data.items()
+                        if L.key_selected(k, self.include, self.exclude)}
+            self._put(("data", rec.task_id, engine, step, t, now, data), nbytes)
 
     def on_task_end(self, rec) -> None:
         self._put(("end", rec.task_id, rec.finished or time.time()), 0)

@@ -68,14 +68,17 @@ def _pad(n: int) -> int:
 
 
 class Encoded:
-    """A message ready to send: ``header`` plus out-of-band ``buffers`` (maybe empty)."""
+    """A message ready to send: ``header`` plus out-of-band ``buffers`` (maybe empty);
+    ``recycle``: pooled buffers to give back once the sends have completed."""
 
-    __slots__ = ("header", "buffers", "nbytes")
+    __slots__ = ("header", "buffers", "nbytes", "recycle", "count")
 
-    def __init__(self, header, buffers, nbytes):
+    def __init__(self, header, buffers, nbytes, recycle=(), count=1):
         self.header = header
         self.buffers = buffers
         self.nbytes = nbytes
+        self.recycle = recycle
+        self.count = count  # publications it carries (the outbox bounds those)
 
 
 def encode(
@@ -97,38 +100,40 @@ def encode(
     pbufs: list = []
     body = dumps(obj, protocol=5, buffer_callback=pbufs.append)
     raws = [pb.raw() for pb in pbufs]
-    lens = [r.nbytes for r in raws]
-    total = sum(lens)
-    inline = total <= inline_limit
-    fixed = _FIXED.pack(MAGIC, kind, 1 if inline else 0, len(raws), task_id, step,
-                        time.time() if t is None else t, len(body))
-    lens_b = b"".join([_LEN.pack(n) for n in lens])
-    if inline:
-        if not raws:
-            header = b"".join((fixed, lens_b, body))
-            return Encoded(header, (), len(header))
-        parts = [fixed, lens_b, body]
-        off = len(fixed) + len(lens_b) + len(body)
-        for r in raws:
-            p = _pad(off)
-            if p:
-                parts.append(b"\0" * p)
-            parts.append(r)
-            off += p + r.nbytes
-        header = b"".join(parts)
-        return Encoded(header, (), len(header))
-    header = b"".join((fixed, lens_b, body))
-    if copy:
-        bufs = []
+    recycle: list = []
+    if copy and sum(r.nbytes for r in raws) > inline_limit:
+        copies = []
         for r in raws:
             dst = pool.take(r.nbytes) if pool is not None else _empty(r.nbytes)
-            if r.nbytes:
-                np = _np()
-                np.copyto(dst, np.frombuffer(r, np.uint8))
-            bufs.append(dst)
-    else:
-        bufs = raws
-    return Encoded(header, bufs, len(header) + total)
+            memoryview(dst)[:] = r
+            copies.append(dst)
+        raws = recycle = copies
+    return frame(kind, task_id, step, time.time() if t is None else t, body, raws,
+                 inline_limit=inline_limit, recycle=recycle)
+
+
+def frame(kind: int, task_id: int, step: int, t: float, body, buffers: list, *,
+          inline_limit: int = INLINE_LIMIT, recycle=(), count: int = 1) -> Encoded:
+    """Frame a pickled ``body`` and its raw ``buffers`` (sent as they are, no copy) into a
+    message; buffers totalling at most ``inline_limit`` bytes are copied into the header."""
+    lens = [memoryview(b).nbytes for b in buffers]
+    total = sum(lens)
+    inline = total <= inline_limit
+    fixed = _FIXED.pack(MAGIC, kind, 1 if inline else 0, len(lens), task_id, step, t, len(body))
+    lens_b = b"".join([_LEN.pack(n) for n in lens])
+    if not inline:
+        header = b"".join((fixed, lens_b, body))
+        return Encoded(header, buffers, len(header) + total, recycle, count)
+    parts = [fixed, lens_b, body]
+    off = len(fixed) + len(lens_b) + len(body)
+    for b, n in zip(buffers, lens):
+        p = _pad(off)
+        if p:
+            parts.append(b"\0" * p)
+        parts.append(b)
+        off += p + n
+    header = b"".join(parts)
+    return Encoded(header, (), len(header), recycle, count)
 
 
 class Message:
@@ -193,7 +198,7 @@ class BufferPool:
 
     def give(self, buf) -> None:
         n = buf.nbytes
-        if n >= 4096 and self.idle_bytes + n <= self.max_bytes and not isinstance(buf, memoryview):
+        if n >= 4096 and self.idle_bytes + n <= self.max_bytes:
             self._free[n].append(buf)
             self.idle_bytes += n
 
@@ -220,8 +225,9 @@ class Outbox:
         self.max_bytes = max_bytes
         self.max_count = max_count
         self.pool = pool
-        self._pending: collections.deque = collections.deque()  # (requests, nbytes, keep)
+        self._pending: collections.deque = collections.deque()  # (requests, nbytes, count, keep)
         self.outstanding_bytes = 0
+        self.outstanding_count = 0  # publications (or messages) not yet completed
         self.waited_s = 0.0  # time spent waiting at the bound (back-pressure)
 
     def send(self, enc: Encoded, dest: int, tag_head: int, tag_buf: int) -> None:
@@ -232,7 +238,7 @@ class Outbox:
         MPI = self.MPI
         while self._pending and (
             self.outstanding_bytes + enc.nbytes > self.max_bytes
-            or len(self._pending) >= self.max_count
+            or self.outstanding_count + enc.count > self.max_count
         ):
             t0 = time.perf_counter()
             self._complete_oldest()
@@ -240,8 +246,10 @@ class Outbox:
         reqs = [self.comm.Isend([enc.header, MPI.BYTE], dest, tag_head)]
         for b in enc.buffers:
             reqs.append(self.comm.Isend([b, MPI.BYTE], dest, tag_buf))
-        self._pending.append((reqs, enc.nbytes, enc.buffers))
+        # the buffers stay referenced until the sends complete (MPI reads them until then)
+        self._pending.append((reqs, enc.nbytes, enc.count, (enc.buffers, enc.recycle)))
         self.outstanding_bytes += enc.nbytes
+        self.outstanding_count += enc.count
 
     def progress(self) -> None:
         """Retire every completed send at the front of the queue."""
@@ -266,10 +274,11 @@ class Outbox:
         self._retire()
 
     def _retire(self) -> None:
-        _, nbytes, keep = self._pending.popleft()
+        _, nbytes, count, (_, recycle) = self._pending.popleft()
         self.outstanding_bytes -= nbytes
+        self.outstanding_count -= count
         if self.pool is not None:
-            for b in keep:
+            for b in recycle:
                 self.pool.give(b)
 
     def flush(self) -> None:

@@ -1,0 +1,152 @@
+"""The engine's send side: publications coalesce into batches; every send is ordered.
+
+Calling MPI once per ``publish_data`` costs more than the message itself for small and
+medium arrays (benchmarks/, rows 1-3). So the call only copies into the open batch
+(packing.py). The batch goes out
+
+- from the caller's thread, as soon as it holds ``BATCH_BYTES`` or ``BATCH_PUBS``
+  publications or is ``MAX_AGE_S`` old (a tight loop never waits for another thread);
+- from the *flusher* thread, once no publication was added for ``LINGER_S`` (the last
+  step before a compute phase reaches the client ~0.1 ms later, not at the next call).
+
+Results, printed output and control messages take the same path behind any open batch, so
+the client never sees a task's result before its data. The flusher also tests outstanding
+sends while the caller computes, so large sends progress and their buffers return to the
+pool; it sleeps on an event when there is nothing to do (an idle engine costs no CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+
+from . import wire
+from .comm import CLIENT_RANK, TAG_BUF, TAG_MSG
+from .errors import MpipubError
+from .packing import Batch
+
+#: A batch is sent by the publishing thread once it holds this many bytes or publications,
+#: or is this old (seconds): bounds the client's staleness during a tight loop.
+BATCH_BYTES = 1 << 20
+BATCH_PUBS = 256
+MAX_AGE_S = 0.002
+#: The flusher sends an open batch once nothing was added to it for this long (seconds).
+LINGER_S = float(os.environ.get("MPIPUB_LINGER_S", "0.0001"))
+_PROGRESS_MIN_S = 20e-6
+_PROGRESS_MAX_S = 1e-3
+
+
+class Sender:
+    """Owns the engine's outbox: the open batch, the flusher thread and the send lock."""
+
+    def __init__(self, comm, MPI, *, max_bytes: int, max_count: int):
+        self.pool = wire.BufferPool()
+        self.outbox = wire.Outbox(comm, MPI, max_bytes=max_bytes, max_count=max_count,
+                                  pool=self.pool)
+        self.lock = threading.Lock()  # batch, outbox and pool
+        self.batch: Batch | None = None
+        self.last_add = 0.0
+        self.error: BaseException | None = None
+        self._wake = threading.Event()
+        self._flusher_idle = False
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="mpipub-flusher", daemon=True)
+        self._thread.start()
+
+    # -- the task's thread ----------------------------------------------------------------------
+    def publish(self, task_id: int, step: int, t: float, data, copy: bool) -> None:
+        """Add one publication (raises packing.ValueNotSendable naming the key)."""
+        if self.error is not None:
+            self._raise_error()
+        with self.lock:
+            b = self.batch
+            if b is None:
+                b = self.batch = Batch(task_id, self.pool)
+            b.add(step, t, data, copy)
+            self.last_add = t
+            if b.nbytes >= BATCH_BYTES or len(b.pubs) >= BATCH_PUBS or t - b.first_t >= MAX_AGE_S:
+                self._post_batch()
+                return
+        if len(b.pubs) == 1 and self._flusher_idle:
+            self._wake.set()  # start the flusher's linger clock
+
+    def send(self, enc: wire.Encoded) -> None:
+        """Send a message (result, output, bye) after every publication added before it."""
+        if self.error is not None:
+            self._raise_error()
+        with self.lock:
+            if self.batch is not None:
+                self._post_batch()
+            self.outbox.send(enc, CLIENT_RANK, TAG_MSG, TAG_BUF)
+        if self._flusher_idle:
+            self._wake.set()  # it tests the sends while we return to work
+
+    def drain(self) -> None:
+        """Send the open batch and wait until every send has completed."""
+        with self.lock:
+            if self.batch is not None:
+                self._post_batch()
+            self.outbox.flush()
+        if self.error is not None:
+            self._raise_error()
+
+    def close(self) -> None:
+        """Drain, then stop the flusher thread."""
+        try:
+            self.drain()
+        finally:
+            self._closing = True
+            self._wake.set()
+            self._thread.join()
+
+    def _post_batch(self) -> None:
+        # caller holds self.lock
+        b, self.batch = self.batch, None
+        enc = wire.frame(wire.DATA, b.task_id, b.pubs[0][0], b.first_t, b.metadata(),
+                         b.buffers(), recycle=b.recycle, count=len(b.pubs))
+        self.outbox.send(enc, CLIENT_RANK, TAG_MSG, TAG_BUF)
+
+    def _raise_error(self):
+        raise MpipubError(f"this engine can no longer send to the client: {self.error!r}")
+
+    # -- the flusher thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._flush_loop()
+        except BaseException as exc:  # noqa: BLE001 - reported; the next publish raises it
+            self.error = exc
+            import sys
+
+            sys.stderr.write("mpipub: the engine's flusher thread failed:\n"
+                             + traceback.format_exc())
+
+    def _flush_loop(self) -> None:
+        backoff = _PROGRESS_MIN_S
+        wake = self._wake
+        while True:
+            timeout = None
+            with self.lock:
+                b = self.batch
+                if b is not None:
+                    now = time.time()
+                    quiet = now - self.last_add
+                    if quiet >= LINGER_S or now - b.first_t >= MAX_AGE_S:
+                        self._post_batch()
+                    else:
+                        timeout = LINGER_S - quiet
+                ob = self.outbox
+                if len(ob):
+                    n = len(ob)
+                    ob.progress()
+                    if len(ob):
+                        backoff = _PROGRESS_MIN_S if len(ob) < n else min(backoff * 2,
+                                                                          _PROGRESS_MAX_S)
+                        timeout = backoff if timeout is None else min(timeout, backoff)
+                elif self._closing and self.batch is None:
+                    return
+                self._flusher_idle = True  # under the lock: publish() sees it after adding
+            wake.wait(timeout)
+            wake.clear()
+            self._flusher_idle = False
