@@ -31,8 +31,9 @@ POLL_MAX_S = float(os.environ.get("MPIPUB_ENGINE_POLL_MAX_S", "0.002"))
 #: publications); past it publish_data waits for the oldest send.
 MAX_OUTSTANDING_BYTES = int(os.environ.get("MPIPUB_MAX_OUTSTANDING_BYTES", str(256 << 20)))
 MAX_OUTSTANDING_COUNT = int(os.environ.get("MPIPUB_MAX_OUTSTANDING_COUNT", "1024"))
-#: A running task reads abort requests at most this often (seconds), from publish_data.
-ABORT_POLL_S = 0.001
+#: A running task reads abort requests at most this often (seconds), from publish_data
+#: (an MPI probe costs a few us: a call every step would be most of a small publication).
+ABORT_POLL_S = 0.01
 
 _current: Engine | None = None
 

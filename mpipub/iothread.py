@@ -36,6 +36,7 @@ class IOThread(threading.Thread):
         self.on_fatal = on_fatal
         self.outq: collections.deque = collections.deque()
         self.outbox = wire.Outbox(self.comm, self.MPI, max_bytes=1 << 62, max_count=1 << 62)
+        self.recv_pool = wire.RecvPool()
         self.wake = threading.Event()
         self._stop_flag = False
         self.error: BaseException | None = None
@@ -63,6 +64,7 @@ class IOThread(threading.Thread):
         any_source = MPI.ANY_SOURCE
         sleep = POLL_MIN_S
         outq, outbox, route = self.outq, self.outbox, self.route
+        alloc = self.recv_pool.take
         while True:
             worked = False
             while outq:
@@ -78,7 +80,7 @@ class IOThread(threading.Thread):
                 msg = comm.improbe(any_source, TAG_MSG, status)
                 if msg is None:
                     break
-                route(wire.recv_message(comm, MPI, msg, status, TAG_BUF))
+                route(wire.recv_message(comm, MPI, msg, status, TAG_BUF, alloc))
                 worked = True
             if worked:
                 sleep = POLL_MIN_S

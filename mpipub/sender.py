@@ -34,7 +34,9 @@ BATCH_PUBS = 256
 MAX_AGE_S = 0.002
 #: The flusher sends an open batch once nothing was added to it for this long (seconds).
 LINGER_S = float(os.environ.get("MPIPUB_LINGER_S", "0.0001"))
-_PROGRESS_MIN_S = 20e-6
+#: The flusher tests outstanding sends (returning their buffers to the pool) with a sleep
+#: that doubles from _PROGRESS_MIN_S to _PROGRESS_MAX_S while none completes.
+_PROGRESS_MIN_S = 50e-6
 _PROGRESS_MAX_S = 1e-3
 
 
@@ -45,12 +47,15 @@ class Sender:
         self.pool = wire.BufferPool()
         self.outbox = wire.Outbox(comm, MPI, max_bytes=max_bytes, max_count=max_count,
                                   pool=self.pool)
-        self.lock = threading.Lock()  # batch, outbox and pool
-        self.batch: Batch | None = None
+        self.lock = threading.Lock()  # batches, outbox and pool
+        self.batch: Batch | None = None  # open: publish() adds to it
+        self.sealed: list[Batch] = []  # complete, not yet posted
         self.last_add = 0.0
         self.error: BaseException | None = None
-        self._wake = threading.Event()
-        self._flusher_idle = False
+        # a plain lock used as a binary semaphore: release() is the cheapest wake-up there is
+        self._wake = threading.Lock()
+        self._wake.acquire()
+        self._flusher_waiting = False
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="mpipub-flusher", daemon=True)
         self._thread.start()
@@ -63,31 +68,34 @@ class Sender:
         with self.lock:
             b = self.batch
             if b is None:
+                if len(self.outbox):
+                    self.outbox.progress()  # finished sends' buffers back to the pool
                 b = self.batch = Batch(task_id, self.pool)
             b.add(step, t, data, copy)
             self.last_add = t
             if b.nbytes >= BATCH_BYTES or len(b.pubs) >= BATCH_PUBS or t - b.first_t >= MAX_AGE_S:
-                self._post_batch()
-                return
-        if len(b.pubs) == 1 and self._flusher_idle:
-            self._wake.set()  # start the flusher's linger clock
+                self.batch = None
+                self.sealed.append(b)
+                if len(self.sealed) > 1:
+                    # the flusher has not had the GIL since the last one: post them here
+                    self._post_sealed()
+        if self._flusher_waiting:
+            self._wake_flusher()
 
     def send(self, enc: wire.Encoded) -> None:
         """Send a message (result, output, bye) after every publication added before it."""
         if self.error is not None:
             self._raise_error()
         with self.lock:
-            if self.batch is not None:
-                self._post_batch()
+            self._post_all()
             self.outbox.send(enc, CLIENT_RANK, TAG_MSG, TAG_BUF)
-        if self._flusher_idle:
-            self._wake.set()  # it tests the sends while we return to work
+        if self._flusher_waiting:
+            self._wake_flusher()  # it tests the sends while we return to work
 
     def drain(self) -> None:
-        """Send the open batch and wait until every send has completed."""
+        """Send every batch and wait until every send has completed."""
         with self.lock:
-            if self.batch is not None:
-                self._post_batch()
+            self._post_all()
             self.outbox.flush()
         if self.error is not None:
             self._raise_error()
@@ -98,15 +106,29 @@ class Sender:
             self.drain()
         finally:
             self._closing = True
-            self._wake.set()
+            self._wake_flusher()
             self._thread.join()
 
-    def _post_batch(self) -> None:
-        # caller holds self.lock
-        b, self.batch = self.batch, None
-        enc = wire.frame(wire.DATA, b.task_id, b.pubs[0][0], b.first_t, b.metadata(),
-                         b.buffers(), recycle=b.recycle, count=len(b.pubs))
-        self.outbox.send(enc, CLIENT_RANK, TAG_MSG, TAG_BUF)
+    def _wake_flusher(self) -> None:
+        self._flusher_waiting = False
+        try:
+            self._wake.release()
+        except RuntimeError:  # already released (it woke on its own meanwhile)
+            pass
+
+    # -- posting (caller holds self.lock) -------------------------------------------------------
+    def _post_all(self) -> None:
+        if self.batch is not None:
+            self.sealed.append(self.batch)
+            self.batch = None
+        self._post_sealed()
+
+    def _post_sealed(self) -> None:
+        sealed, self.sealed = self.sealed, []
+        for b in sealed:
+            enc = wire.frame(wire.DATA, b.task_id, b.pubs[0][0], b.first_t, b.metadata(),
+                             b.buffers(), recycle=b.recycle, count=len(b.pubs))
+            self.outbox.send(enc, CLIENT_RANK, TAG_MSG, TAG_BUF)
 
     def _raise_error(self):
         raise MpipubError(f"this engine can no longer send to the client: {self.error!r}")
@@ -123,30 +145,45 @@ class Sender:
                              + traceback.format_exc())
 
     def _flush_loop(self) -> None:
-        backoff = _PROGRESS_MIN_S
-        wake = self._wake
+        # The flusher never blocks on the lock: when the task's thread holds it, that thread
+        # is publishing (and posts by itself when batches pile up), so we look again later.
+        # Blocking would convoy the two threads on the lock and the GIL (measured: 1 MiB
+        # publications 4x slower).
+        lock = self.lock
+        recheck = LINGER_S  # grows while the task keeps publishing (it seals by age itself)
+        poll = _PROGRESS_MIN_S
         while True:
-            timeout = None
-            with self.lock:
-                b = self.batch
-                if b is not None:
-                    now = time.time()
-                    quiet = now - self.last_add
-                    if quiet >= LINGER_S or now - b.first_t >= MAX_AGE_S:
-                        self._post_batch()
-                    else:
-                        timeout = LINGER_S - quiet
-                ob = self.outbox
-                if len(ob):
-                    n = len(ob)
-                    ob.progress()
+            timeout: float | None = LINGER_S
+            if lock.acquire(blocking=False):
+                try:
+                    timeout = None
+                    if self.sealed:
+                        self._post_sealed()
+                    b = self.batch
+                    if b is not None:
+                        now = time.time()
+                        quiet = now - self.last_add
+                        if quiet >= LINGER_S or now - b.first_t >= MAX_AGE_S:
+                            self._post_all()
+                            recheck = LINGER_S
+                        else:
+                            timeout = max(LINGER_S - quiet, recheck)
+                            recheck = min(recheck * 2, MAX_AGE_S)
+                    ob = self.outbox
                     if len(ob):
-                        backoff = _PROGRESS_MIN_S if len(ob) < n else min(backoff * 2,
-                                                                          _PROGRESS_MAX_S)
-                        timeout = backoff if timeout is None else min(timeout, backoff)
-                elif self._closing and self.batch is None:
-                    return
-                self._flusher_idle = True  # under the lock: publish() sees it after adding
-            wake.wait(timeout)
-            wake.clear()
-            self._flusher_idle = False
+                        n = len(ob)
+                        ob.progress()
+                        if len(ob):
+                            poll = _PROGRESS_MIN_S if len(ob) < n else min(poll * 2,
+                                                                           _PROGRESS_MAX_S)
+                            timeout = poll if timeout is None else min(timeout, poll)
+                    elif self._closing and self.batch is None:
+                        return
+                    # under the lock, so publish() sees it once it has added to a batch
+                    self._flusher_waiting = True
+                finally:
+                    lock.release()
+            else:
+                self._flusher_waiting = True
+            self._wake.acquire(timeout=-1 if timeout is None else max(timeout, 1e-6))
+            self._flusher_waiting = False

@@ -146,8 +146,9 @@ class Message:
         return pickle.loads(self.body, buffers=self.buffers)
 
 
-def recv_message(comm, MPI, msg, status, buf_tag: int) -> Message:
-    """Receive a matched header and the raw buffers that follow it from the same sender."""
+def recv_message(comm, MPI, msg, status, buf_tag: int, alloc: Callable = _empty) -> Message:
+    """Receive a matched header and the raw buffers that follow it from the same sender
+    (into buffers from ``alloc(nbytes)``)."""
     n = status.Get_count(MPI.BYTE)
     source = status.Get_source()
     header = bytearray(n)
@@ -172,7 +173,7 @@ def recv_message(comm, MPI, msg, status, buf_tag: int) -> Message:
         m.nbytes = n
     else:
         for nb in lens:
-            b = _empty(nb)
+            b = alloc(nb)
             comm.Recv([b, MPI.BYTE], source=source, tag=buf_tag)
             bufs.append(b)
         m.nbytes = n + sum(lens)
@@ -201,6 +202,62 @@ class BufferPool:
         if n >= 4096 and self.idle_bytes + n <= self.max_bytes:
             self._free[n].append(buf)
             self.idle_bytes += n
+
+
+class RecvPool:
+    """Receive buffers on rank 0, reused once nothing references what was received into them.
+
+    Every array the client hands out views a received buffer, and ``ar.data``, ``stream()``
+    history and the sink keep them for a while, so each message would land in fresh memory;
+    on the machines measured a page fault costs ~1 us per 4 KiB (3-4x the copy itself). So
+    the pool keeps *backing* memory and lends a fresh ndarray over it (``np.frombuffer`` of
+    a memoryview, so every array numpy derives from it keeps exactly that ndarray as its
+    base); a weak reference to the lent ndarray gives the backing back when the last array
+    made from it is gone. Sizes come in classes (64 KiB steps up to 2 MiB, then 1 MiB
+    steps); at most ``max_idle`` bytes wait unused.
+    """
+
+    def __init__(self, max_idle: int = 256 << 20):
+        import threading
+        import weakref
+
+        self.max_idle = max_idle
+        self.idle_bytes = 0
+        self._free: dict[int, list] = collections.defaultdict(list)
+        self._lent: dict = {}  # id of a weak reference to a lent array -> (reference, backing)
+        self._lock = threading.Lock()  # backings come back from whichever thread drops them
+        self._ref = weakref.ref
+
+    @staticmethod
+    def size_class(n: int) -> int:
+        step = (64 << 10) if n <= (2 << 20) else (1 << 20)
+        return -(-n // step) * step
+
+    def take(self, nbytes: int):
+        c = self.size_class(nbytes)
+        backing = None
+        with self._lock:
+            lst = self._free.get(c)
+            if lst:
+                backing = lst.pop()
+                self.idle_bytes -= c
+        if backing is None:
+            backing = _empty(c)
+        np = _np()
+        lent = np.frombuffer(memoryview(backing), np.uint8, nbytes)
+        ref = self._ref(lent, self._returned)  # (arrays are unhashable: key by the ref's id)
+        self._lent[id(ref)] = (ref, backing)
+        return lent
+
+    def _returned(self, ref) -> None:
+        lent = self._lent.pop(id(ref), None)
+        if lent is None:
+            return
+        backing = lent[1]
+        with self._lock:
+            if self.idle_bytes + backing.nbytes <= self.max_idle:
+                self._free[backing.nbytes].append(backing)
+                self.idle_bytes += backing.nbytes
 
 
 #: Waiting for a send at the bound (or at the end of a task) polls with a sleep that doubles

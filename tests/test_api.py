@@ -205,7 +205,7 @@ def test_outstanding_sends_are_bounded_and_producer_waits(mpi_script):
     job = mpi_script("""
         import time
         from mpipub import Client
-        c = Client()
+        c = Client(history_bytes=1 << 30)  # keep all 64 MiB for stream()
         def produce(steps):
             import numpy as np
             from mpipub import publish_data
