@@ -58,9 +58,9 @@ def publish_data(data: Mapping[str, Any], *, copy: bool = True) -> None:
     travel as raw bytes, several calls coalesced into one MPI message when they come fast
     (``mpipub.sender``); other values are pickled. The client sees the latest value of every
     key in ``AsyncResult.data`` and every publication in ``AsyncResult.stream()``.
-    With ``copy=False`` arrays over 256 KiB are sent from their own memory: the caller
+    With ``copy=False`` arrays of 4 MiB and more are sent from their own memory: the caller
     promises not to modify them until the task function returns (faster for large arrays,
-    wrong if the promise is broken).
+    wrong if the promise is broken); smaller ones are copied anyway, which measured faster.
     """
     eng = _engine._current
     if eng is None or eng.task_id is None:

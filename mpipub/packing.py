@@ -31,6 +31,10 @@ PICKLED = 2
 #: larger ones get a buffer of their own.
 SLAB_ITEM_MAX = 256 << 10
 SLAB_BYTES = 1 << 20
+#: ``copy=False`` sends arrays from their own memory only from this size: below it a copy
+#: into a pooled buffer is faster end to end (measured, 1 engine: 1 MiB arrays at 2.2 GB/s
+#: from the caller's array, 6.3 GB/s copied; the copy stays in cache until the client reads).
+ZERO_COPY_MIN = 4 << 20
 ALIGN = 64  # slab offsets: arrays rebuilt on the client are aligned for SIMD loads
 
 #: Values that cannot change after the call, so they may be pickled later with the batch.
@@ -138,13 +142,13 @@ class Batch:
             self._slab_off = off + n + (-n % ALIGN)
             return self._slab_index, off
         if isinstance(v, memoryview):  # an out-of-band pickle buffer: C-contiguous bytes
-            if copy:
+            if copy or n < ZERO_COPY_MIN:
                 raw = self._pool.take(n)
                 memoryview(raw)[:] = v
                 self.recycle.append(raw)
             else:
                 raw = v
-        elif not copy and v.flags.c_contiguous:
+        elif not copy and n >= ZERO_COPY_MIN and v.flags.c_contiguous:
             raw = v.reshape(-1).view(np.uint8)
         else:
             raw = self._pool.take(n)

@@ -181,14 +181,16 @@ def blocked_start(n: int) -> list:
 
 # -- the inline threshold (wire.INLINE_LIMIT) ---------------------------------------------------
 def pub_stream_limit(nmsg: int, nbytes: int, inline: bool) -> None:
-    """Like pub_stream (copy mode), with the payload forced inline (one message) or split
-    (header + raw buffer), to measure where one message stops paying."""
+    """Like pub_stream (copy mode), with every message's payload forced inline (one message)
+    or split (header + raw buffers), to measure where one message stops paying."""
     from mpipub import wire
 
-    kw = wire.encode.__kwdefaults__
-    old = kw["inline_limit"]
-    kw["inline_limit"] = (1 << 40) if inline else -1
+    old = wire.INLINE_LIMIT
+    wire.INLINE_LIMIT = (1 << 40) if inline else -1
     try:
         pub_stream(nmsg, nbytes, True)
+        from mpipub.engine import current_engine
+
+        current_engine().sender.drain()  # every batch framed under this limit
     finally:
-        kw["inline_limit"] = old
+        wire.INLINE_LIMIT = old
