@@ -50,6 +50,17 @@ class ValueNotSendable(Exception):
         self.exc = exc
 
 
+_plain_dtypes: dict = {}  # dtype -> its str, or "" when it must be pickled
+
+
+def _plain_dtype_str(dt) -> str:
+    """``dt.str`` when an array of it is plain bytes that ``np.dtype(str)`` rebuilds exactly
+    (no objects, fields or sub-arrays); else "" (such arrays are pickled)."""
+    if dt.hasobject or dt.fields is not None or dt.subdtype is not None:
+        return ""
+    return dt.str
+
+
 def _np():
     import numpy
 
@@ -94,14 +105,17 @@ class Batch:
                 nbytes += 8
                 continue
             np = _np()
-            if tv is np.ndarray and not v.dtype.hasobject and v.dtype.fields is None \
-                    and v.dtype.subdtype is None:
-                n = v.nbytes
-                where = self._place(v, n, copy, np)
-                if where is not None:
-                    entries.append((key, ARRAY, v.dtype.str, v.shape, v.size) + where)
-                    nbytes += n
-                    continue
+            if tv is np.ndarray:
+                dts = _plain_dtypes.get(v.dtype)
+                if dts is None:
+                    dts = _plain_dtypes[v.dtype] = _plain_dtype_str(v.dtype)
+                if dts:
+                    n = v.nbytes
+                    where = self._place(v, n, copy, np)
+                    if where is not None:
+                        entries.append((key, ARRAY, dts, v.shape, v.size) + where)
+                        nbytes += n
+                        continue
             if isinstance(v, np.generic):
                 entries.append((key, VALUE, v))  # numpy scalars are immutable
                 nbytes += v.nbytes

@@ -199,6 +199,65 @@ def test_publish_copies_so_in_place_updates_arrive_as_they_were(mpi_script, n):
     ok(job, "OK copy")
 
 
+def test_every_value_kind_arrives_exactly_when_publications_coalesce(mpi_script):
+    # Fast publications travel many to a message (mpipub.packing): arrays of every layout and
+    # dtype are rebuilt from raw bytes, other values pickled; each step must arrive as it was.
+    job = mpi_script("""
+        import numpy as np
+        from mpipub import Client
+        c = Client(history_bytes=1 << 30)
+        def values(i):
+            import numpy as np
+            return {
+                "i": i, "f": i / 3, "s": "x" * (i % 5), "b": b"\\x00" * (i % 3), "none": None,
+                "flag": bool(i % 2), "np_scalar": np.float32(i), "zero_d": np.array(i),
+                "small": np.full(3, i, np.int16), "big": np.full(40_000, i),  # 320 KB
+                "strided": np.arange(30.0).reshape(5, 6)[:, ::2] + i,
+                "fortran": np.asfortranarray(np.arange(12).reshape(3, 4) + i),
+                "big_endian": np.arange(4, dtype=">f8") + i, "empty": np.zeros((0, 3)),
+                "text": np.array(["a", "bc", str(i)]), "when": np.array([i], "datetime64[s]"),
+                "cplx": np.array([1j * i]), "nested": {"x": np.ones(2) * i, "l": [i, "y"]},
+                "lst": [i, np.arange(3) + i],
+                "record": np.array([(i, 2)], dtype=[("x", "f4"), ("y", "i2")]),  # pickled
+            }
+        def produce(n, copy):
+            from mpipub import publish_data
+            for i in range(n):
+                publish_data(values(i), copy=copy)
+        def same(a, b):
+            if isinstance(a, dict):
+                return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+            if isinstance(a, list):
+                return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+            if isinstance(a, (np.ndarray, np.generic)):
+                return type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape \\
+                    and np.array_equal(a, b)
+            return type(a) is type(b) and a == b
+        for copy in (True, False):
+            ar = c[:].apply_async(produce, 300, copy)
+            ar.get(timeout=60)
+            pubs = list(ar.stream())
+            assert len(pubs) == 600, len(pubs)
+            for p in pubs:
+                assert same(p.data, values(p.step)), (copy, p.engine, p.step, p.data)
+            assert [p.step for p in pubs if p.engine == 1] == list(range(300))
+            assert same(ar.data[0], values(299))
+        # large arrays with copy=False go from the caller's memory; in place changes after
+        # the task returned must not reach the client
+        def big_zero_copy():
+            import numpy as np
+            from mpipub import publish_data
+            a = np.full(1 << 20, 7.0)  # 8 MiB
+            publish_data({"a": a}, copy=False)
+            return a
+        ar = c[1].apply_async(big_zero_copy)
+        ar.get(timeout=60)
+        assert np.all(ar.data["a"] == 7.0)
+        print("OK values")
+    """, nranks=3, timeout=120)
+    ok(job, "OK values")
+
+
 def test_outstanding_sends_are_bounded_and_producer_waits(mpi_script):
     # The client's I/O thread is held up on purpose (the user thread holds the lock it needs):
     # the engine's sends pile up to the bound, publish_data waits, and nothing is lost.
