@@ -226,22 +226,20 @@ class RecvPool:
     Every array the client hands out views a received buffer, and ``ar.data``, ``stream()``
     history and the sink keep them for a while, so each message would land in fresh memory;
     on the machines measured a page fault costs ~1 us per 4 KiB (3-4x the copy itself). So
-    the pool keeps *backing* memory and lends a fresh ndarray over it (``np.frombuffer`` of
-    a memoryview, so every array numpy derives from it keeps exactly that ndarray as its
-    base); a weak reference to the lent ndarray gives the backing back when the last array
-    made from it is gone. Sizes come in classes (64 KiB steps up to 2 MiB, then 1 MiB
-    steps); at most ``max_idle`` bytes wait unused.
+    the pool keeps *backing* memory (in a ``BufferPool``, by size class: 64 KiB steps up to
+    2 MiB, then 1 MiB steps) and lends a fresh ndarray over it (``np.frombuffer`` of a
+    memoryview, so every array numpy derives from it keeps exactly that ndarray as its base);
+    a weak reference to the lent ndarray gives the backing back when the last array made
+    from it is gone, from whichever thread drops it.
     """
 
     def __init__(self, max_idle: int = 256 << 20):
         import threading
         import weakref
 
-        self.max_idle = max_idle
-        self.idle_bytes = 0
-        self._free: dict[int, list] = collections.defaultdict(list)
+        self.backings = BufferPool(max_idle)
         self._lent: dict = {}  # id of a weak reference to a lent array -> (reference, backing)
-        self._lock = threading.Lock()  # backings come back from whichever thread drops them
+        self._lock = threading.Lock()
         self._ref = weakref.ref
 
     @staticmethod
@@ -250,15 +248,8 @@ class RecvPool:
         return -(-n // step) * step
 
     def take(self, nbytes: int):
-        c = self.size_class(nbytes)
-        backing = None
         with self._lock:
-            lst = self._free.get(c)
-            if lst:
-                backing = lst.pop()
-                self.idle_bytes -= c
-        if backing is None:
-            backing = _empty(c)
+            backing = self.backings.take(self.size_class(nbytes))
         np = _np()
         lent = np.frombuffer(memoryview(backing), np.uint8, nbytes)
         ref = self._ref(lent, self._returned)  # (arrays are unhashable: key by the ref's id)
@@ -267,13 +258,9 @@ class RecvPool:
 
     def _returned(self, ref) -> None:
         lent = self._lent.pop(id(ref), None)
-        if lent is None:
-            return
-        backing = lent[1]
-        with self._lock:
-            if self.idle_bytes + backing.nbytes <= self.max_idle:
-                self._free[backing.nbytes].append(backing)
-                self.idle_bytes += backing.nbytes
+        if lent is not None:
+            with self._lock:
+                self.backings.give(lent[1])
 
 
 #: Waiting for a send at the bound (or at the end of a task) polls with a sleep that doubles
