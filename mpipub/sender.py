@@ -98,6 +98,11 @@ class Sender:
         if self._flusher_idle:
             self._wake_flusher()  # it tests the sends while we return to work
 
+    def post(self) -> None:
+        """Send the open batch now, without waiting for the sends to complete."""
+        with self.lock:
+            self._post_all()
+
     def drain(self) -> None:
         """Send every batch and wait until every send has completed."""
         with self.lock:

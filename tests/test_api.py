@@ -170,6 +170,68 @@ def test_data_is_a_snapshot(mpi_script):
     ok(job, "OK snapshot")
 
 
+def test_last_step_of_a_burst_arrives_while_the_engine_computes(mpi_script):
+    # Fast publications are coalesced; the batch still open when the task goes on computing
+    # must not wait for the next publish_data call (the engine's flusher sends it).
+    job = mpi_script("""
+        import time
+        from mpipub import Client
+        c = Client()
+        def burst_then_compute():
+            import time
+            from mpipub import publish_data
+            for i in range(100):
+                publish_data({"i": i})
+            t = time.time()
+            while time.time() - t < 3.0:   # a compute phase that holds the GIL
+                sum(range(1000))
+        ar = c[1].apply_async(burst_then_compute)
+        t0 = time.time()
+        while ar.data.get("i") != 99:
+            assert time.time() - t0 < 2.0, ("last step not seen while the engine computes",
+                                            ar.data)
+            time.sleep(0.001)
+        assert not ar.ready()
+        print("OK burst", round(time.time() - t0, 3))
+        ar.get(timeout=30)
+    """, nranks=2, timeout=60)
+    ok(job, "OK burst")
+
+
+def test_arrays_held_by_the_user_survive_later_receives(mpi_script):
+    # Received buffers are reused once nothing references them (wire.RecvPool): arrays the
+    # user still holds (from ar.data, stream(), sliced, reshaped) must never be overwritten.
+    job = mpi_script("""
+        import gc, time
+        import numpy as np
+        from mpipub import Client
+        c = Client(history_bytes=4 << 20)   # small: old publications are dropped early
+        def produce(n):
+            import numpy as np
+            from mpipub import publish_data
+            for i in range(n):
+                publish_data({"a": np.full(8192, i, np.float64), "b": np.full(200_000, i)})
+        held = []
+        for task in range(3):
+            ar = c[:].apply_async(produce, 300)
+            last = None
+            while not ar.ready():
+                d = ar.data[0]
+                if d and d["a"][0] != last and len(held) < 60 * (task + 1):
+                    last = d["a"][0]
+                    held.append((d["a"][::7].reshape(-1, 1), d["b"][10:20], last))
+                time.sleep(0.002)
+            ar.get(timeout=60)
+            del ar
+            gc.collect()
+        assert len(held) > 5, len(held)
+        for a, b, i in held:
+            assert np.all(a == i) and np.all(b == i), i
+        print("OK held", len(held))
+    """, nranks=3, timeout=120)
+    ok(job, "OK held")
+
+
 @pytest.mark.parametrize("n", [100, 40000, 1 << 20])
 def test_publish_copies_so_in_place_updates_arrive_as_they_were(mpi_script, n):
     job = mpi_script(f"""

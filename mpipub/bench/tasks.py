@@ -181,16 +181,20 @@ def blocked_start(n: int) -> list:
 
 # -- the inline threshold (wire.INLINE_LIMIT) ---------------------------------------------------
 def pub_stream_limit(nmsg: int, nbytes: int, inline: bool) -> None:
-    """Like pub_stream (copy mode), with every message's payload forced inline (one message)
-    or split (header + raw buffers), to measure where one message stops paying."""
+    """One publication per message (the batch is posted after every call, as when an engine
+    publishes now and then), with every message's payload forced inline (one MPI message)
+    or split (header + raw buffer): where one message stops paying (wire.INLINE_LIMIT)."""
     from mpipub import wire
+    from mpipub.engine import current_engine
 
+    sender = current_engine().sender
+    a = array(nbytes)
     old = wire.INLINE_LIMIT
     wire.INLINE_LIMIT = (1 << 40) if inline else -1
     try:
-        pub_stream(nmsg, nbytes, True)
-        from mpipub.engine import current_engine
-
-        current_engine().sender.drain()  # every batch framed under this limit
+        for _ in range(nmsg):
+            publish_data({"a": a})
+            sender.post()
+        sender.drain()
     finally:
         wire.INLINE_LIMIT = old
