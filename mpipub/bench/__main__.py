@@ -224,30 +224,37 @@ def g_sink(cfg, tmp, rows, raw):
         rows.append({"row": "7", "what": "sink to HDF5", "config": "-", "pending": True,
                      "note": f"pending: mpipub.sink not importable ({exc!r})"})
         return
-    from mpipub.bench.w_sink import h5py_baseline
+    from mpipub.bench.w_sink import h5py_baseline, writer_alone
 
     for nbytes, total in cfg["sink"]:
-        base, pub = [], []
+        base, pub, alone = [], [], []
         steps = (total // 4) * 4
         for rep in range(cfg["sink_repeats"]):
             # each measurement starts with no dirty pages from the previous one (writeback
             # throttling otherwise lands on whichever writes second), and the order alternates
-            for which in (("sink", "h5py") if rep % 2 == 0 else ("h5py", "sink")):
+            order = ("sink", "h5py", "alone") if rep % 2 == 0 else ("alone", "h5py", "sink")
+            for which in order:
                 for f in tmp.glob("*.h5"):
                     f.unlink()
                 os.sync()
                 if which == "h5py":
                     base.append(h5py_baseline(str(tmp / "plain.h5"), nbytes, steps))
-                    continue
-                res = run_worker(5, "w_sink", {"path": str(tmp / "sink.h5"), "nbytes": nbytes,
-                                               "total": total}, tmp, 300)
-                assert res["steps"] == steps, (res["steps"], steps)
-                pub.append(res["bytes"] / res["seconds"])
-        raw.append({"group": "sink", "nbytes": nbytes, "h5py": base, "mpipub": pub})
+                elif which == "alone":
+                    alone.append(writer_alone(str(tmp / "alone.h5"), nbytes, steps))
+                else:
+                    res = run_worker(5, "w_sink", {"path": str(tmp / "sink.h5"),
+                                                   "nbytes": nbytes, "total": total}, tmp, 300)
+                    assert res["steps"] == steps, (res["steps"], steps)
+                    pub.append(res["bytes"] / res["seconds"])
+        raw.append({"group": "sink", "nbytes": nbytes, "h5py": base, "mpipub": pub,
+                    "writer_alone": alone})
         ratio = med(pub) / med(base)
         rows.append(entry("7", "every step to HDF5", f"{_size(nbytes)}, 4 eng",
                           "h5py appends, 1 process", "B/s", base, "Client(sink=...)", pub,
                           ratio, ">= 0.8", ratio >= 0.8))
+        rows.append(entry("7w", "sink writer alone (no MPI)", f"{_size(nbytes)}, 4 eng",
+                          "h5py appends, 1 process", "B/s", base, "Sink, 1 process", alone,
+                          med(alone) / med(base), "report", None))
 
 
 def g_scale(cfg, tmp, rows, raw):

@@ -50,5 +50,29 @@ def h5py_baseline(path: str, nbytes: int, total: int) -> float:
     return total * a.nbytes / (time.perf_counter() - t0)
 
 
+def writer_alone(path: str, nbytes: int, total: int, engines: int = 4) -> float:
+    """The sink's writer without MPI: this process hands it the same publications, as 4
+    engines' batches would arrive (no transport, no engines); returns bytes/s including
+    closing the file. Tells the sink's own cost from what sharing the cores costs."""
+    import types
+
+    from mpipub.sink import Sink
+
+    a = tasks.array(nbytes)
+    rec = types.SimpleNamespace(task_id=1, label="bench", submitted=time.time(),
+                                engines=list(range(1, engines + 1)),
+                                hosts=["-"] * (engines + 1), finished=None)
+    t0 = time.perf_counter()
+    sink = Sink(path, overwrite=True)
+    sink.on_task_start(rec, (writer_alone, (), {}))
+    for i in range(total // engines):
+        for e in rec.engines:
+            sink.on_publications(rec, e, [(i, time.time(), {"a": a}, a.nbytes)])
+    rec.finished = time.time()
+    sink.on_task_end(rec)
+    sink.close()
+    return (total // engines) * engines * a.nbytes / (time.perf_counter() - t0)
+
+
 if __name__ == "__main__":
     main()
