@@ -2,7 +2,7 @@
 
 Idle engines poll (matched probe, then a short sleep that grows while idle) instead of blocking
 in MPI, because a blocking MPICH receive spins a whole core. Tasks run in the engine's main
-thread; ``publish_data`` inside them sends through this engine's bounded outbox.
+thread; ``publish_data`` inside them hands publications to this engine's sender (sender.py).
 """
 
 from __future__ import annotations
