@@ -12,7 +12,8 @@ medium arrays (benchmarks/, rows 1-3). So the call only copies into the open bat
 Results, printed output and control messages take the same path behind any open batch, so
 the client never sees a task's result before its data. The flusher also tests outstanding
 sends while the caller computes, so large sends progress and their buffers return to the
-pool; it sleeps on an event when there is nothing to do (an idle engine costs no CPU).
+pool; it sleeps without a timeout when there is nothing to watch (an idle engine costs no
+CPU).
 """
 
 from __future__ import annotations
@@ -72,7 +73,14 @@ class Sender:
                 if len(self.outbox):
                     self.outbox.progress()  # finished sends' buffers back to the pool
                 b = self.batch = Batch(task_id, self.pool)
-            b.add(step, t, data, copy)
+            try:
+                b.add(step, t, data, copy)
+            except BaseException:
+                if not b.pubs:  # refused as the first of a batch: no empty batch is left
+                    self.batch = None
+                    for buf in b.recycle:
+                        self.pool.give(buf)
+                raise
             self.last_add = t
             if b.nbytes >= BATCH_BYTES or len(b.pubs) >= BATCH_PUBS or t - b.first_t >= MAX_AGE_S:
                 self.batch = None

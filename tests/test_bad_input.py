@@ -153,6 +153,25 @@ def test_bad_values_are_delivered_exactly_or_refused(mpi_script):
             else:
                 assert got == v, (k, got, v)
 
+        # refused as the first publication of a batch, also while the flusher is busy with
+        # the previous one (sent after a short pause, still in flight)
+        def refused_first():
+            import time
+            big = np.zeros(1 << 17)  # 1 MiB: in flight a while
+            for i in range(20):
+                publish_data({'i': i, 'big': big})
+                time.sleep(0.0002 * (i % 4))  # sent by the flusher, maybe still in flight
+                try:
+                    publish_data({'bad': threading.Lock()})
+                except PublishError:
+                    pass
+                time.sleep(0.003)   # computing, with the refused call's batch left behind
+            return 'ok'
+
+        ar = c[2].apply_async(refused_first)
+        assert ar.get(timeout=60) == 'ok'
+        assert [p.data['i'] for p in ar.stream()] == list(range(20))
+
         # uncaught: the task fails with a RemoteError naming engine, key and step ...
         def fail_at_step_2():
             publish_data({'ok': 0})
