@@ -116,8 +116,9 @@ class Batch:
                         entries.append((key, ARRAY, dts, v.shape, v.size) + where)
                         nbytes += n
                         continue
-            if isinstance(v, np.generic):
-                entries.append((key, VALUE, v))  # numpy scalars are immutable
+            if isinstance(v, np.generic) and tv is not np.void:
+                # numpy scalars are immutable (but a structured np.void can view an array)
+                entries.append((key, VALUE, v))
                 nbytes += v.nbytes
                 continue
             pbufs: list = []

@@ -281,6 +281,7 @@ def test_every_value_kind_arrives_exactly_when_publications_coalesce(mpi_script)
                 "cplx": np.array([1j * i]), "nested": {"x": np.ones(2) * i, "l": [i, "y"]},
                 "lst": [i, np.arange(3) + i],
                 "record": np.array([(i, 2)], dtype=[("x", "f4"), ("y", "i2")]),  # pickled
+                "row": np.array([(i, 3)], dtype=[("x", "f4"), ("y", "i2")])[0],  # np.void
             }
         def produce(n, copy):
             from mpipub import publish_data
