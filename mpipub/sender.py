@@ -122,13 +122,11 @@ class Sender:
             self._raise_error()
 
     def close(self) -> None:
-        """Drain, then stop the flusher thread."""
-        try:
-            self.drain()
-        finally:
-            self._closing = True
-            self._wake_flusher()
-            self._thread.join()
+        """Stop the flusher thread (without waiting for sends: callers that want every send
+        completed drain first; an engine leaving because the client is gone must not wait)."""
+        self._closing = True
+        self._wake_flusher()
+        self._thread.join(timeout=2.0)  # (a daemon: it cannot keep the process alive)
 
     def _wake_flusher(self) -> None:
         self._flusher_waiting = self._flusher_idle = False
@@ -175,7 +173,7 @@ class Sender:
         lock = self.lock
         busy = LINGER_S
         poll = _PROGRESS_MIN_S
-        while True:
+        while not self._closing:
             timeout: float | None
             if lock.acquire(blocking=False):
                 try:
@@ -200,8 +198,6 @@ class Sender:
                                 poll = _PROGRESS_MIN_S if len(ob) < n else min(
                                     poll * 2, _PROGRESS_MAX_S)
                                 timeout = poll
-                        elif self._closing:
-                            return
                     # under the lock, so publish() sees them once it has added to a batch
                     self._flusher_idle = timeout is None
                     self._flusher_waiting = True

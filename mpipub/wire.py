@@ -35,7 +35,7 @@ ALIGN = 16
 INLINE_LIMIT = 32 * 1024
 
 # Message kinds.
-DATA = 1  # engine -> client: a publication (body: the dict)
+DATA = 1  # engine -> client: a batch of publications (packing.py)
 RESULT = 2  # engine -> client: a task's outcome (body: (ok, value or error info, t0, t1))
 OUTPUT = 3  # engine -> client: printed text (step: 1 stdout, 2 stderr; body: str)
 BYE = 4  # engine -> client: the engine stops serving
@@ -293,8 +293,8 @@ class Outbox:
     def send(self, enc: Encoded, dest: int, tag_head: int, tag_buf: int) -> None:
         """Post the sends for ``enc``; first wait for old sends while over the bound.
 
-        Callers call ``progress()`` before encoding (the engine does it in ``Engine.encode``),
-        so finished sends' buffers are back in the pool when the copy is made."""
+        Callers call ``progress()`` before copying into pooled buffers (the engine's sender
+        does at the start of each batch), so finished sends' buffers are back in the pool."""
         MPI = self.MPI
         while self._pending and (
             self.outstanding_bytes + enc.nbytes > self.max_bytes
