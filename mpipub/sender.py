@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import traceback
 
 from . import wire
 from .comm import CLIENT_RANK, TAG_BUF, TAG_MSG
@@ -159,6 +158,7 @@ class Sender:
         except BaseException as exc:  # noqa: BLE001 - reported; the next publish raises it
             self.error = exc
             import sys
+            import traceback  # (not at start-up: every rank pays its imports)
 
             sys.stderr.write("mpipub: the engine's flusher thread failed:\n"
                              + traceback.format_exc())
