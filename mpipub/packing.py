@@ -1,13 +1,14 @@
 """Publications packed for the wire: many ``publish_data`` calls travel as one message.
 
-An engine that publishes faster than one MPI message per call can carry packs its
-publications into a *batch*: small arrays are copied side by side into one *slab* (a pooled
-1 MiB buffer), larger ones into their own pooled buffer (or, with ``copy=False``, sent from
-their own memory), plain immutable values ride in the batch's metadata and anything else is
-pickled at the call (protocol 5, its buffers copied like arrays). One ``pickle.dumps`` of
-the metadata and one or two ``Isend``s then carry the whole batch, and the client rebuilds
-each publication with ``numpy.frombuffer`` views: per publication that is a few
-microseconds on each side instead of a pickle, two MPI messages and their bookkeeping.
+Publications that come faster than MPI messages could carry them one by one are packed
+into a *batch* (sender.py decides when it is sent): small arrays are copied side by side
+into one *slab* (a pooled 1 MiB buffer), larger ones into their own pooled buffer (or, with
+``copy=False`` from 4 MiB, sent from their own memory), plain immutable values ride in the
+batch's metadata and anything else is pickled at the call (protocol 5, its buffers copied
+like arrays). One ``pickle.dumps`` of the metadata and one or two ``Isend``s then carry the
+whole batch, and the client rebuilds each publication with ``numpy.frombuffer`` views: per
+publication that is a few microseconds on each side instead of a pickle, two MPI messages
+and their bookkeeping.
 
 Metadata of a batch: ``[(step, time, nbytes, entries), ...]``, one tuple per publication,
 where each entry is one of
