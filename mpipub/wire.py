@@ -228,18 +228,20 @@ class RecvPool:
     on the machines measured a page fault costs ~1 us per 4 KiB (3-4x the copy itself). So
     the pool keeps *backing* memory (in a ``BufferPool``, by size class: 64 KiB steps up to
     2 MiB, then 1 MiB steps) and lends a fresh ndarray over it (``np.frombuffer`` of a
-    memoryview, so every array numpy derives from it keeps exactly that ndarray as its base);
-    a weak reference to the lent ndarray gives the backing back when the last array made
-    from it is gone, from whichever thread drops it.
+    memoryview, so every array numpy derives from it keeps exactly that ndarray as its base).
+    A weak reference to the lent ndarray queues the backing for reuse when the last array
+    made from it is gone. That callback runs in whichever thread drops the last reference,
+    possibly in the middle of ``take`` (an allocation there can run the garbage collector),
+    so it only appends to a deque; ``take``, called by the I/O thread alone, moves the queue
+    into the pool.
     """
 
     def __init__(self, max_idle: int = 256 << 20):
-        import threading
         import weakref
 
         self.backings = BufferPool(max_idle)
         self._lent: dict = {}  # id of a weak reference to a lent array -> (reference, backing)
-        self._lock = threading.Lock()
+        self._returned_backings: collections.deque = collections.deque()
         self._ref = weakref.ref
 
     @staticmethod
@@ -248,8 +250,10 @@ class RecvPool:
         return -(-n // step) * step
 
     def take(self, nbytes: int):
-        with self._lock:
-            backing = self.backings.take(self.size_class(nbytes))
+        returned = self._returned_backings
+        while returned:
+            self.backings.give(returned.popleft())
+        backing = self.backings.take(self.size_class(nbytes))
         np = _np()
         lent = np.frombuffer(memoryview(backing), np.uint8, nbytes)
         ref = self._ref(lent, self._returned)  # (arrays are unhashable: key by the ref's id)
@@ -259,8 +263,7 @@ class RecvPool:
     def _returned(self, ref) -> None:
         lent = self._lent.pop(id(ref), None)
         if lent is not None:
-            with self._lock:
-                self.backings.give(lent[1])
+            self._returned_backings.append(lent[1])
 
 
 #: Waiting for a send at the bound (or at the end of a task) polls with a sleep that doubles
