@@ -14,7 +14,7 @@ from . import comm as _comm
 from . import engine as _engine
 from .comm import CLIENT_RANK
 from .errors import MpipubError, PublishError
-from .packing import ValueNotSendable
+from .packing import KeyNotStr, ValueNotSendable
 
 
 def _mpi_rank_if_running() -> int | None:
@@ -70,24 +70,29 @@ def publish_data(data: Mapping[str, Any], *, copy: bool = True) -> None:
             raise PublishError(f"publish_data() takes a dict of name -> value, got "
                                f"{type(data).__name__} ({_where(eng)})")
         data = dict(data)
-    for key in data:
-        if type(key) is not str and not isinstance(key, str):
-            raise PublishError(f"publish_data() keys must be str, got {key!r} "
-                               f"of type {type(key).__name__} ({_where(eng)})")
     checker = eng.check_value
     if checker is not None:
         for key, value in data.items():
+            if not isinstance(key, str):
+                raise _key_error(key, eng)
             problem = checker(key, value)
             if problem:
                 raise PublishError(f"publish_data() cannot store key {key!r}: {problem} "
                                    f"({_where(eng)})")
     try:
-        eng.publish(data, copy)
+        eng.publish(data, copy)  # (keys are checked there, in the one pass over the data)
+    except KeyNotStr as e:
+        raise _key_error(e.key, eng) from None
     except ValueNotSendable as e:
         raise PublishError(
             f"publish_data() cannot send key {e.key!r}: value of type "
             f"{type(data[e.key]).__name__} cannot be pickled ({e.exc}) ({_where(eng)})"
         ) from e.exc
+
+
+def _key_error(key, eng) -> PublishError:
+    return PublishError(f"publish_data() keys must be str, got {key!r} "
+                        f"of type {type(key).__name__} ({_where(eng)})")
 
 
 def _where(eng) -> str:

@@ -117,7 +117,6 @@ class Engine:
         self.host = world.hosts[world.rank]
         self.sender = Sender(self.comm, self.MPI, max_bytes=max_outstanding_bytes,
                              max_count=max_outstanding_count)
-        self.outbox = self.sender.outbox
         self.namespace: dict = {"__name__": "__mpipub_engine__", "__builtins__": builtins}
         self.task_id: int | None = None
         self.task_options: dict = {}
@@ -153,13 +152,9 @@ class Engine:
         SIGTERM that arrives meanwhile is raised only once the message is fully posted:
         raised in between, it would leave a header without its buffers (the client then
         waits for them forever) or a send whose memory Python frees while MPI reads it."""
-        with self.sender.lock:
-            self.sender.outbox.progress()  # finished sends' buffers back to the pool first
-            enc = wire.encode(kind, self.task_id or 0, step, obj, dumps, copy=copy,
-                              pool=self.sender.pool)
         self.sending = True
         try:
-            self.sender.send(enc)
+            self.sender.send(kind, self.task_id or 0, step, obj, dumps, copy)
         finally:
             self.sending = False
         if self.deferred_signal is not None:

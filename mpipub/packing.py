@@ -42,6 +42,14 @@ ALIGN = 64  # slab offsets: arrays rebuilt on the client are aligned for SIMD lo
 _IMMUTABLE = frozenset({int, float, bool, complex, str, bytes, type(None)})
 
 
+class KeyNotStr(Exception):
+    """A key that is not a str (checked here, in the one pass over the publication)."""
+
+    def __init__(self, key):
+        super().__init__(key)
+        self.key = key
+
+
 class ValueNotSendable(Exception):
     """A value that cannot be serialised (carries the key, so the caller can name it)."""
 
@@ -96,10 +104,13 @@ class Batch:
         return len(self.pubs)
 
     def add(self, step: int, t: float, data, copy: bool) -> int:
-        """Append one publication; returns its payload bytes. Raises ValueNotSendable."""
+        """Append one publication; returns its payload bytes. Raises KeyNotStr or
+        ValueNotSendable, and then appends nothing."""
         entries = []
         nbytes = 0
         for key, v in data.items():
+            if type(key) is not str and not isinstance(key, str):
+                raise KeyNotStr(key)
             tv = type(v)
             if tv in _IMMUTABLE:
                 entries.append((key, VALUE, v))

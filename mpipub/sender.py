@@ -55,7 +55,6 @@ class Sender:
         # a plain lock used as a binary semaphore: release() is the cheapest wake-up there is
         self._wake = threading.Lock()
         self._wake.acquire()
-        self._flusher_waiting = False  # in its wait, timed or not
         self._flusher_idle = False  # in its wait with nothing to watch (no timeout)
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="mpipub-flusher", daemon=True)
@@ -97,11 +96,14 @@ class Sender:
         if wake:
             self._wake_flusher()
 
-    def send(self, enc: wire.Encoded) -> None:
-        """Send a message (result, output, bye) after every publication added before it."""
+    def send(self, kind: int, task_id: int, step: int, obj, dumps, copy: bool) -> None:
+        """Send a message (result, output, bye) after every publication added before it.
+        Raises what ``dumps`` raises (nothing is sent then)."""
         if self.error is not None:
             self._raise_error()
         with self.lock:
+            self.outbox.progress()  # finished sends' buffers back to the pool first
+            enc = wire.encode(kind, task_id, step, obj, dumps, copy=copy, pool=self.pool)
             self._post_all()
             self.outbox.send(enc, CLIENT_RANK, TAG_MSG, TAG_BUF)
         if self._flusher_idle:
@@ -128,7 +130,7 @@ class Sender:
         self._thread.join(timeout=2.0)  # (a daemon: it cannot keep the process alive)
 
     def _wake_flusher(self) -> None:
-        self._flusher_waiting = self._flusher_idle = False
+        self._flusher_idle = False
         try:
             self._wake.release()
         except RuntimeError:  # already released (it woke on its own meanwhile)
@@ -198,14 +200,12 @@ class Sender:
                                 poll = _PROGRESS_MIN_S if len(ob) < n else min(
                                     poll * 2, _PROGRESS_MAX_S)
                                 timeout = poll
-                    # under the lock, so publish() sees them once it has added to a batch
+                    # under the lock, so publish() sees it once it has added to a batch
                     self._flusher_idle = timeout is None
-                    self._flusher_waiting = True
                 finally:
                     lock.release()
             else:
                 timeout = busy
                 busy = min(busy * 2, MAX_AGE_S)
-                self._flusher_waiting = True
             self._wake.acquire(timeout=-1 if timeout is None else max(timeout, 1e-6))
-            self._flusher_waiting = self._flusher_idle = False
+            self._flusher_idle = False

@@ -88,9 +88,7 @@ def encode(
     obj: Any,
     dumps: Callable = pickle.dumps,
     *,
-    t: float | None = None,
     copy: bool = True,
-    inline_limit: int | None = None,
     pool: BufferPool | None = None,
 ) -> Encoded:
     """Serialise ``obj``; with ``copy`` the result never aliases the caller's arrays.
@@ -101,27 +99,23 @@ def encode(
     body = dumps(obj, protocol=5, buffer_callback=pbufs.append)
     raws = [pb.raw() for pb in pbufs]
     recycle: list = []
-    if inline_limit is None:
-        inline_limit = INLINE_LIMIT
-    if copy and sum(r.nbytes for r in raws) > inline_limit:
+    if copy and sum(r.nbytes for r in raws) > INLINE_LIMIT:  # (inline: copied by frame)
         copies = []
         for r in raws:
             dst = pool.take(r.nbytes) if pool is not None else _empty(r.nbytes)
             memoryview(dst)[:] = r
             copies.append(dst)
         raws = recycle = copies
-    return frame(kind, task_id, step, time.time() if t is None else t, body, raws,
-                 inline_limit=inline_limit, recycle=recycle)
+    return frame(kind, task_id, step, time.time(), body, raws, recycle=recycle)
 
 
 def frame(kind: int, task_id: int, step: int, t: float, body, buffers: list, *,
-          inline_limit: int | None = None, recycle=(), count: int = 1) -> Encoded:
+          recycle=(), count: int = 1) -> Encoded:
     """Frame a pickled ``body`` and its raw ``buffers`` (sent as they are, no copy) into a
-    message; buffers totalling at most ``inline_limit`` (default ``INLINE_LIMIT``) bytes are
-    copied into the header."""
+    message; buffers totalling at most ``INLINE_LIMIT`` bytes are copied into the header."""
     lens = [memoryview(b).nbytes for b in buffers]
     total = sum(lens)
-    inline = total <= (INLINE_LIMIT if inline_limit is None else inline_limit)
+    inline = total <= INLINE_LIMIT
     fixed = _FIXED.pack(MAGIC, kind, 1 if inline else 0, len(lens), task_id, step, t, len(body))
     lens_b = b"".join([_LEN.pack(n) for n in lens])
     if not inline:
@@ -142,7 +136,7 @@ def frame(kind: int, task_id: int, step: int, t: float, body, buffers: list, *,
 class Message:
     """A received message: routing fields, the pickled body and its buffers (not yet decoded)."""
 
-    __slots__ = ("source", "kind", "task_id", "step", "time", "body", "buffers", "nbytes")
+    __slots__ = ("source", "kind", "task_id", "step", "time", "body", "buffers")
 
     def decode(self) -> Any:
         """Rebuild the payload (no copy of the buffers: arrays view the received memory)."""
@@ -173,13 +167,11 @@ def recv_message(comm, MPI, msg, status, buf_tag: int, alloc: Callable = _empty)
             off += _pad(off)
             bufs.append(mv[off : off + nb])
             off += nb
-        m.nbytes = n
     else:
         for nb in lens:
             b = alloc(nb)
             comm.Recv([b, MPI.BYTE], source=source, tag=buf_tag)
             bufs.append(b)
-        m.nbytes = n + sum(lens)
     m.buffers = bufs
     return m
 

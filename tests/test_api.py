@@ -332,7 +332,7 @@ def test_outstanding_sends_are_bounded_and_producer_waits(mpi_script):
             import numpy as np
             from mpipub import publish_data
             from mpipub.engine import current_engine
-            ob = current_engine().outbox
+            ob = current_engine().sender.outbox
             a = np.ones(1 << 17)   # 1 MiB
             peak = 0
             for i in range(steps):
