@@ -46,7 +46,10 @@ class SinkError(MpipubError):
 
 _END = object()
 
-_FILE_KW = dict(libver="latest", locking=False, rdcc_nbytes=4 << 20)
+#: file format of HDF5 1.10, the oldest with SWMR: "latest" would write the format of the
+#: HDF5 that h5py ships (2.0), which the h5dump, netCDF and h5py builds of most systems (1.10
+#: to 1.14) cannot open
+_FILE_KW = dict(libver=("v110", "v110"), locking=False, rdcc_nbytes=4 << 20)
 
 #: the writer takes a batch when this much is queued, or when the oldest item waited
 #: BATCH_WAIT_S: fewer, larger appends (each costs a few h5py calls per dataset), and the

@@ -130,6 +130,73 @@ c.close()
         assert t.steps("late")[0].tolist() == list(range(5, 60))
 
 
+@pytest.fixture(scope="module")
+def sim_file(tmp_path_factory):
+    """One file written by ``sim`` (12 steps, 2 engines), for the readers that are not mpipub."""
+    from conftest import run_mpi
+
+    d = tmp_path_factory.mktemp("readers")
+    sink = d / "run.h5"
+    script = _script(d, "job.py", f"""
+c = Client(sink={str(sink)!r})
+c[:].apply_async(sim, 12).get(timeout=60)
+c.close()
+""")
+    job = run_mpi(3, [str(script)], timeout=90, cwd=d)
+    assert job.returncode == 0, job.output
+    return sink
+
+
+def test_h5dump_reads_the_file(sim_file):
+    """docs/sink.md promises a layout that HDF5's own tools read, without mpipub."""
+    import shutil
+
+    h5dump = shutil.which("h5dump")
+    if h5dump is None:
+        pytest.skip("h5dump not installed (Debian: apt-get install hdf5-tools; .ci/run does)")
+
+    def dump(*args):
+        p = subprocess.run([h5dump, *args, str(sim_file)], capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return p.stdout
+
+    names = dump("-n")
+    for path in ("/task_0001/engine_2/data/a", "/task_0001/engine_2/data/cfg/deep/flag",
+                 "/task_0001/engine_2/steps/late", "/task_0001/engine_2/data/late@1"):
+        assert f"dataset    {path}\n" in names, names
+    i = dump("-d", "/task_0001/engine_2/data/i")
+    assert "(0): 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11" in i, i
+    s = dump("-d", "/task_0001/engine_1/data/s")
+    assert '(0): "s0", "s1", "s2"' in s, s
+    a = dump("-d", "/task_0001/engine_1/data/a", "-s", "11,0,0", "-c", "1,1,3")
+    assert "(11,0,0): 11, 11, 11" in a, a
+
+
+def test_xarray_reads_the_file(sim_file):
+    """xarray (h5netcdf engine) opens every engine's data as a Dataset, step as first axis."""
+    xr = pytest.importorskip("xarray")
+    pytest.importorskip("h5netcdf")
+    n = 12
+    for e in (1, 2):
+        grp = f"task_0001/engine_{e}/data"
+        with xr.open_dataset(sim_file, engine="h5netcdf", group=grp, phony_dims="sort") as ds:
+            a = ds["a"].values
+            assert a.shape == (n, 4, 3)
+            assert np.array_equal(a, np.broadcast_to(np.arange(n)[:, None, None], (n, 4, 3)))
+            assert ds["i"].values.tolist() == list(range(n))
+            assert np.array_equal(ds["x"].values, np.arange(n) / 3)
+            assert [str(v) for v in ds["s"].values] == [f"s{i}" for i in range(n)]
+            assert np.array_equal(ds["z"].values[n - 1], np.arange(3) + 1j)
+        with xr.open_dataset(sim_file, engine="h5netcdf", group=grp + "/cfg",
+                             phony_dims="sort") as ds:
+            assert ds["k"].dtype == np.int16 and ds["k"].values.tolist() == list(range(n))
+        with xr.open_dataset(sim_file, engine="h5netcdf", group=f"task_0001/engine_{e}",
+                             phony_dims="sort") as ds:
+            assert ds["step"].values.tolist() == list(range(n))
+            assert ds.attrs["rank"] == e
+
+
 def _wait_for(pred, timeout, what):
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
