@@ -291,6 +291,18 @@ c[:].apply_async(sim, 100000, 0.005).get()
     run = __import__("mpipub").open(sink)
     assert len(run.steps()[0]) > 0 and run.data[0]["i"] == len(run.steps()[0]) - 1
     run.close()
+    # what docs/sink.md tells users of tools that do not use SWMR: h5clear -s, then h5dump
+    import shutil
+
+    if shutil.which("h5clear") and shutil.which("h5dump"):
+        copy = tmp_path / "cleared.h5"
+        shutil.copy(sink, copy)
+        r = subprocess.run(["h5clear", "-s", str(copy)], capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = subprocess.run(["h5dump", "-d", "/task_0001/engine_1/step", str(copy)],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and "(0): 0, 1, 2, 3," in r.stdout, r.stdout + r.stderr
 
 
 def test_sigterm_flushes_and_closes(tmp_path):
