@@ -39,16 +39,28 @@ def window(nbytes: int) -> int:
 
 
 # -- row 1 / 8: streams of arrays -------------------------------------------------------------
-def raw_stream(nmsg: int, nbytes: int) -> None:
+def raw_stream(nmsg: int, nbytes: int, polite: bool = False) -> None:
+    """``Isend`` the same array ``nmsg`` times, at most ``window`` in flight. ``polite``: wait
+    for a send by testing and sleeping, as mpipub's engines do, instead of ``MPI_Wait``
+    (which spins a core in MPICH)."""
     comm = MPI.COMM_WORLD
     a = array(nbytes)
     w = window(nbytes)
     reqs: collections.deque = collections.deque()
+
+    def wait(req) -> None:
+        if polite:
+            while not req.Test():
+                time.sleep(20e-6)
+        else:
+            req.Wait()
+
     for _ in range(nmsg):
         if len(reqs) >= w:
-            reqs.popleft().Wait()
+            wait(reqs.popleft())
         reqs.append(comm.Isend([a, MPI.BYTE], 0, TAG))
-    MPI.Request.Waitall(list(reqs))
+    while reqs:
+        wait(reqs.popleft())
 
 
 def pub_stream(nmsg: int, nbytes: int, copy: bool) -> None:
