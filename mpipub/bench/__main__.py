@@ -376,7 +376,7 @@ def chart(result: dict, path: Path) -> None:
     ax.set_yticks(list(y), labels, fontsize=7)
     ax.invert_yaxis()
     ax.axvline(1.0, color="grey", lw=0.5)
-    ax.set_xlabel("mpipub / raw mpi4py (higher is better)")
+    ax.set_xlabel("mpipub / baseline: raw mpi4py; row 7: plain h5py (higher is better)")
     ax.set_title("throughput ratios (rows 1, 2, 7)")
     ax.legend(loc="lower right", fontsize=7)
     ax = axes[1]
