@@ -38,14 +38,26 @@ def run_script(script: str, args: list[str], sink: str | None = None,
         runpy.run_path(script, run_name="__main__")
     except SystemExit as exc:
         code = _exit_code(exc.code)
-    except BaseException:  # noqa: BLE001 - printed once, like Python would, then a clean stop
-        tb = traceback.format_exc()
-        sys.stderr.write(tb)
-        code = 130 if tb.rstrip().endswith("KeyboardInterrupt") else 1
+    except BaseException as exc:  # noqa: BLE001 - printed once, like Python would, then stop
+        sys.stderr.write("".join(traceback.format_exception(type(exc), exc,
+                                                            _script_frames(exc.__traceback__))))
+        code = 130 if isinstance(exc, KeyboardInterrupt) else 1
     finally:
         sys.stdout.flush()
         _client._close_at_exit(code)
     return code
+
+
+def _script_frames(tb):
+    """The traceback from the script's first frame on, as ``python script.py`` would print it
+    (without this module's and runpy's frames)."""
+    start = tb
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if name != __file__ and "runpy" not in name:
+            return tb
+        tb = tb.tb_next
+    return start
 
 
 def _exit_code(code) -> int:

@@ -159,6 +159,8 @@ def test_script_end(tmp_path, mode, run):
         assert job.returncode == 1, out
         assert out.count("ValueError: script failed here") == 1, out
         assert out.count("Traceback (most recent call last)") == 1, out
+        # the script's own frames, as `python script.py` prints them: no runner or runpy
+        assert "runner.py" not in out and "runpy" not in out, out
     elif mode == "exit3":
         assert job.returncode == 3, out
         assert "Traceback" not in out, out
