@@ -323,7 +323,7 @@ class Outbox:
         # stays under a tenth of it, so a 16 MiB send is seen done ~0.3 ms late, not ~1 ms;
         # or, when sends queued behind it keep rank 0 busy, under half the time they take:
         # waking late then costs nothing, and fewer wake-ups leave the cores to rank 0 (a
-        # 1 MiB stream into the sink: the engines' CPU fell by a third).
+        # 1 MiB stream into the sink: the engines' CPU fell by about a quarter).
         reqs, nbytes = self._pending[0][0], self._pending[0][1]
         testall = self.MPI.Request.Testall
         if not testall(reqs):
