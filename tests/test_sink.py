@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import PYTHON, finish, kill_group, mpi_env, start_mpi
+from conftest import PYTHON, finish, kill_group, mpi_env, run_mpi, start_mpi
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -133,8 +134,6 @@ c.close()
 @pytest.fixture(scope="module")
 def sim_file(tmp_path_factory):
     """One file written by ``sim`` (12 steps, 2 engines), for the readers that are not mpipub."""
-    from conftest import run_mpi
-
     d = tmp_path_factory.mktemp("readers")
     sink = d / "run.h5"
     script = _script(d, "job.py", f"""
@@ -149,8 +148,6 @@ c.close()
 
 def test_h5dump_reads_the_file(sim_file):
     """docs/sink.md promises a layout that HDF5's own tools read, without mpipub."""
-    import shutil
-
     h5dump = shutil.which("h5dump")
     if h5dump is None:
         pytest.skip("h5dump not installed (Debian: apt-get install hdf5-tools; .ci/run does)")
@@ -292,8 +289,6 @@ c[:].apply_async(sim, 100000, 0.005).get()
     assert len(run.steps()[0]) > 0 and run.data[0]["i"] == len(run.steps()[0]) - 1
     run.close()
     # what docs/sink.md tells users of tools that do not use SWMR: h5clear -s, then h5dump
-    import shutil
-
     if shutil.which("h5clear") and shutil.which("h5dump"):
         copy = tmp_path / "cleared.h5"
         shutil.copy(sink, copy)
