@@ -371,8 +371,6 @@ def _cli(*args, timeout=60):
 
 
 def test_cli_run_info_plot_watch_and_errors(tmp_path):
-    from conftest import run_mpi
-
     sink = tmp_path / "cli.h5"
     script = _script(tmp_path, "cli.py", """
 c = Client()
