@@ -35,7 +35,9 @@ def array(nbytes: int) -> np.ndarray:
 
 
 def window(nbytes: int) -> int:
-    return max(1, min(WINDOW_COUNT, WINDOW_BYTES // max(1, nbytes)))
+    """Sends a raw sender keeps in flight: the engines' outbox bound (bytes and count, but
+    always two messages, as wire.Outbox allows)."""
+    return max(2, min(WINDOW_COUNT, WINDOW_BYTES // max(1, nbytes)))
 
 
 # -- row 1 / 8: streams of arrays -------------------------------------------------------------
