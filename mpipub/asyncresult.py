@@ -1,8 +1,10 @@
 """``AsyncResult``: the client's handle on a task that runs on one or more engines.
 
-The client's I/O thread fills a ``TaskRecord``; the user's thread reads it. Waits are sliced so
-Ctrl-C and Jupyter's "interrupt kernel" always get through, and ``data`` is a snapshot: each
-engine's dict is replaced, never changed in place, by the I/O thread.
+The client's I/O thread fills a ``TaskRecord`` with the batches it receives, undecoded; the
+user's thread reads it, decoding what it asks for (``data``: the newest value of each key;
+``stream()``: every publication). Waits are sliced so Ctrl-C and Jupyter's "interrupt kernel"
+always get through, and ``data`` is a snapshot: each engine's dict is replaced, never changed
+in place.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CompositeError, MpipubError, RemoteError
+from .packing import latest, unpack
 
 _SLICE_S = 0.1  # longest uninterrupted wait in the user's thread
 
@@ -65,7 +68,9 @@ class EngineStats:
 
 @dataclass
 class _EngineState:
-    data: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)  # merged up to the batches in `unmerged`
+    unmerged: list = field(default_factory=list)  # batches received since (oldest first)
+    merging: threading.Lock = field(default_factory=threading.Lock)  # one merger at a time
     stats: EngineStats = field(default_factory=EngineStats)
     done: bool = False
     ok: bool = False
@@ -75,6 +80,75 @@ class _EngineState:
     finished: float | None = None
     stdout: list = field(default_factory=list)
     stderr: list = field(default_factory=list)
+
+
+class ReceivedBatch:
+    """One message of publications from one engine, kept as received and decoded on first
+    use: rank 0's I/O thread only counts it, so it is free to receive the next one (building
+    every publication's arrays there took as long as receiving them, 4 engines at 64 KiB).
+    ``ar.data`` rebuilds only the newest value of each key; ``stream()`` decodes the batches
+    it reads."""
+
+    __slots__ = ("engine", "task_id", "first_step", "first_seq", "count", "nbytes", "received",
+                 "body", "buffers", "_pubs", "_reported")
+
+    def __init__(self, engine: int, m, first_seq: int, received: float, reported: set):
+        self.engine = engine
+        self.task_id = m.task_id
+        self.first_step = m.step
+        self.first_seq = first_seq  # sequence number of its first publication in the task
+        self.count = m.count
+        self.nbytes = m.payload
+        self.received = received
+        self.body = m.body
+        self.buffers = m.buffers
+        self._pubs: list | None = None
+        self._reported = reported  # the task's undecodable values already reported
+
+    def publications(self) -> list:
+        """``[(step, time, dict, nbytes), ...]``, decoded once (values that cannot be
+        rebuilt here are reported on stderr and left out)."""
+        pubs = self._pubs
+        if pubs is None:
+            pubs = self._pubs = decode_batch(self.engine, self.task_id, self.first_step,
+                                             self.body, self.buffers, self._reported)
+        return pubs
+
+    def merge_source(self) -> tuple:
+        return self.body, self.buffers, self._pubs
+
+
+def report_undecodable(engine: int, task_id: int, step: int, key: str | None,
+                       exc: BaseException, reported: set | None = None) -> None:
+    """Say on stderr what could not be rebuilt on the client, and where (never raised into
+    the user's code: everything else that was published still arrives); once per value
+    when ``reported`` (what was said already) is given."""
+    if reported is not None:
+        if (engine, step, key) in reported:
+            return
+        reported.add((engine, step, key))
+    what = (f"step {step}: the value of key {key!r}" if key is not None else
+            f"steps from {step}: the publications")
+    sys.stderr.write(f"mpipub: engine {engine}, task {task_id}, {what} could not be decoded "
+                     f"on the client and {'is' if key is not None else 'are'} left out: "
+                     f"{exc!r}\n")
+
+
+def decode_batch(engine: int, task_id: int, first_step: int, body, buffers,
+                 reported: set | None = None) -> list:
+    """``packing.unpack`` that reports (instead of raising) what cannot be decoded."""
+    def on_error(step, key, exc):
+        report_undecodable(engine, task_id, step, key, exc, reported)
+    try:
+        return unpack(body, buffers, on_error)
+    except Exception as exc:  # noqa: BLE001 - the metadata itself: the whole batch
+        report_undecodable(engine, task_id, first_step, None, exc, reported)
+        return []
+
+
+#: A batch still unmerged into ``ar.data`` is merged by the I/O thread once this many are
+#: waiting (bounds the work a later ``ar.data`` does, and what they keep alive).
+MERGE_AFTER = 64
 
 
 class TaskRecord:
@@ -91,11 +165,12 @@ class TaskRecord:
         self.state = {e: _EngineState() for e in engines}
         self.cond = threading.Condition()
         self.pending = len(engines)
-        self.history: collections.deque = collections.deque()
-        self.history_first = 0  # sequence number of history[0]
+        self.history: collections.deque = collections.deque()  # ReceivedBatch, oldest first
+        self.history_first = 0  # number of batches dropped from the front of history
+        self.history_pubs = 0  # publications received so far (next batch's first_seq)
         self.history_size = 0
         self.history_limit = history_bytes
-        self.history_dropped = 0
+        self.reported: set = set()  # (engine, step, key) of values that could not be decoded
         self.io_error: BaseException | None = None
         # threads blocked in stream(): only they need a wake-up per publication. Waking a
         # get()/wait() caller for every publication costs two GIL hand-offs per message and
@@ -103,34 +178,64 @@ class TaskRecord:
         self.data_waiters = 0
 
     # -- called by the I/O thread ---------------------------------------------------------------
-    def on_publications(self, engine: int, pubs: list) -> None:
-        """One received batch: ``[(step, publish time, dict, nbytes), ...]`` in step order."""
+    def on_batch(self, engine: int, m, pubs: list | None = None) -> None:
+        """One received message of publications (``pubs``: already decoded, when a sink
+        needed them). Counts it and keeps it; nothing is decoded here."""
         now = time.time()
         st = self.state[engine]
-        merged = st.data.copy()
-        for p in pubs:
-            merged.update(p[2])
-        step, t_pub = pubs[-1][0], pubs[-1][1]
+        b = ReceivedBatch(engine, m, self.history_pubs, now, self.reported)
+        b._pubs = pubs
+        dropped_unmerged = False
         with self.cond:
-            st.data = merged
+            st.unmerged.append(b)
             s = st.stats
-            s.publications += len(pubs)
-            history = self.history
-            for p in pubs:
-                nb = p[3]
-                s.bytes += nb
-                history.append((Publication(engine, p[0], p[1], now, p[2]), nb))
-                self.history_size += nb
-            s.last_step = step
+            s.publications += b.count
+            s.bytes += b.nbytes
+            s.last_step = b.first_step + b.count - 1
             s.last_time = now
-            s.lag = now - t_pub
+            s.lag = now - m.last_time
+            history = self.history
+            history.append(b)
+            self.history_pubs += b.count
+            self.history_size += b.nbytes
             while self.history_size > self.history_limit and len(history) > 1:
-                _, n = history.popleft()
-                self.history_size -= n
+                old = history.popleft()
+                self.history_size -= old.nbytes
                 self.history_first += 1
-                self.history_dropped += 1
+                dropped_unmerged = dropped_unmerged or old in self.state[old.engine].unmerged
             if self.data_waiters:
                 self.cond.notify_all()
+        # Merge here only what would otherwise outlive the history (or pile up): the
+        # batches ar.data still needs must not keep received memory alive past the limit.
+        if dropped_unmerged:
+            for e in self.engines:
+                if self.state[e].unmerged:
+                    self.merged_data(e)
+        elif len(st.unmerged) > MERGE_AFTER:
+            self.merged_data(engine)
+
+    def merged_data(self, engine: int) -> dict:
+        """``engine``'s latest data, merged key by key (a new dict whenever it changes)."""
+        st = self.state[engine]
+        with st.merging:
+            with self.cond:
+                batches, st.unmerged = st.unmerged, []
+                base = st.data
+            if not batches:
+                return base
+            def on_error(step, key, exc):
+                report_undecodable(engine, self.task_id, step, key, exc, self.reported)
+            try:
+                newest = latest([b.merge_source() for b in reversed(batches)], on_error)
+            except Exception:  # noqa: BLE001 - a batch's metadata: merge them one by one
+                newest = {}
+                for b in batches:
+                    newest.update(latest([(None, None, b.publications())]))
+            merged = dict(base)
+            merged.update(newest)
+            with self.cond:
+                st.data = merged
+            return merged
 
     def on_output(self, engine: int, which: int, text: str) -> None:
         with self.cond:
@@ -194,7 +299,7 @@ class AsyncResult:
     def data(self) -> dict | list[dict]:
         """Latest published data, merged key by key: a list in engine order (a dict for a
         single-engine view). A snapshot: later publications do not change what you hold."""
-        return self._per_engine([dict(self._rec.state[e].data) for e in self._rec.engines])
+        return self._per_engine([dict(self._rec.merged_data(e)) for e in self._rec.engines])
 
     @property
     def stats(self) -> dict[int, EngineStats]:
@@ -284,11 +389,12 @@ class AsyncResult:
         than the client's ``history_bytes`` limit are dropped with a warning saying how many.
         """
         rec = self._rec
-        seq = 0
+        seq = 0  # next publication to yield (its sequence number in the task)
+        bi = 0  # the batch holding it (its number in the task: history[bi - history_first])
         while True:
             with rec.cond:
                 deadline = None if timeout is None else time.monotonic() + timeout
-                while seq >= rec.history_first + len(rec.history) and rec.pending:
+                while bi >= rec.history_first + len(rec.history) and rec.pending:
                     self._check_io()
                     left = _SLICE_S if deadline is None else min(_SLICE_S,
                                                                   deadline - time.monotonic())
@@ -300,18 +406,26 @@ class AsyncResult:
                         rec.cond.wait(left)
                     finally:
                         rec.data_waiters -= 1
-                if seq < rec.history_first:
+                if bi < rec.history_first:
+                    first = rec.history[0].first_seq
                     warnings.warn(
-                        f"stream(): {rec.history_first - seq} publications of task "
+                        f"stream(): {first - seq} publications of task "
                         f"{self.task_id} were dropped before being read (history limit "
                         f"{rec.history_limit} bytes; raise Client(history_bytes=...) or use a "
                         "sink to keep every step)", RuntimeWarning, stacklevel=2)
-                    seq = rec.history_first
-                if seq >= rec.history_first + len(rec.history):
+                    bi, seq = rec.history_first, first
+                if bi >= rec.history_first + len(rec.history):
                     return  # done and everything read
-                pub = rec.history[seq - rec.history_first][0]
+                b = rec.history[bi - rec.history_first]
+            pubs = b.publications()  # (decoded outside the lock: the I/O thread goes on)
+            k = seq - b.first_seq
+            if k >= len(pubs):  # the batch is read (or could not be decoded)
+                bi += 1
+                seq = b.first_seq + b.count
+                continue
+            step, t, data, _ = pubs[k]
             seq += 1
-            yield pub
+            yield Publication(b.engine, step, t, b.received, data)
 
     def wait_interactive(self, interval: float = 0.2, timeout: float | None = None) -> None:
         """Wait with a progress bar on stderr: engines done and steps published."""

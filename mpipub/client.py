@@ -22,11 +22,10 @@ import cloudpickle
 from . import comm as _comm
 from . import engine as _engine
 from . import wire
-from .asyncresult import AsyncMapResult, AsyncResult, TaskRecord
+from .asyncresult import AsyncMapResult, AsyncResult, TaskRecord, decode_batch
 from .comm import CLIENT_RANK, TAG_ABORT, TAG_CBUF, TAG_CTRL
 from .errors import MpipubError
 from .iothread import IOThread
-from .packing import unpack
 
 #: How long ``close()`` waits for engines to stop before it aborts the MPI job.
 CLOSE_TIMEOUT_S = float(os.environ.get("MPIPUB_CLOSE_TIMEOUT_S", "10"))
@@ -71,16 +70,13 @@ class _Runtime:
                              f"unknown task {m.task_id} ignored\n")
             return
         if m.kind == wire.DATA:
-            try:
-                pubs = unpack(m.body, m.buffers)
-            except Exception as exc:  # noqa: BLE001
-                sys.stderr.write(f"mpipub: engine {m.source}, task {m.task_id}, steps from "
-                                 f"{m.step}: publications could not be decoded on the client: "
-                                 f"{exc!r}\n")
-                return
-            for s in self.sinks:
-                s.on_publications(rec, m.source, pubs)
-            rec.on_publications(m.source, pubs)
+            pubs = None
+            if self.sinks:  # they keep every publication: decode it here, once for all
+                pubs = decode_batch(m.source, m.task_id, m.step, m.body, m.buffers,
+                                    rec.reported)
+                for s in self.sinks:
+                    s.on_publications(rec, m.source, pubs)
+            rec.on_batch(m.source, m, pubs)
         elif m.kind == wire.RESULT:
             try:
                 ok, value, t0, t1 = m.decode()

@@ -23,6 +23,7 @@ where each entry is one of
 from __future__ import annotations
 
 import pickle
+from typing import Callable
 
 VALUE = 0
 ARRAY = 1
@@ -215,35 +216,68 @@ class Batch:
 _dtypes: dict = {}
 
 
-def unpack(body, buffers) -> list:
+def _value(e, buffers, np):
+    """The value of one metadata entry (arrays are views of ``buffers``, no copy)."""
+    code = e[1]
+    if code == VALUE:
+        return e[2]
+    if code == ARRAY:
+        _, _, dts, shape, count, bi, off = e
+        dt = _dtypes.get(dts)
+        if dt is None:
+            dt = _dtypes[dts] = np.dtype(dts)
+        a = np.frombuffer(buffers[bi], dt, count, off) if count else np.empty(0, dt)
+        return a.reshape(shape) if len(shape) != 1 else a
+    _, _, pbody, refs = e
+    views = [memoryview(buffers[bi])[off:off + n] for bi, off, n in refs]
+    return pickle.loads(pbody, buffers=views)
+
+
+def unpack(body, buffers, on_error: Callable | None = None) -> list:
     """Client side: a batch's publications as ``[(step, time, dict, nbytes), ...]``.
 
     Arrays are views of the received buffers (no copy); nothing but the metadata and
-    values that were pickled on the engine goes through pickle."""
+    values that were pickled on the engine goes through pickle. A value that cannot be
+    rebuilt here is left out of its dict and reported as ``on_error(step, key, exc)``."""
     np = _np()
-    frombuffer = np.frombuffer
     out = []
     for step, t, nbytes, entries in pickle.loads(body):
         d = {}
         for e in entries:
-            code = e[1]
-            if code == VALUE:
-                d[e[0]] = e[2]
-            elif code == ARRAY:
-                _, _, dts, shape, count, bi, off = e
-                dt = _dtypes.get(dts)
-                if dt is None:
-                    dt = _dtypes[dts] = np.dtype(dts)
-                if count:
-                    a = frombuffer(buffers[bi], dt, count, off)
-                else:
-                    a = np.empty(0, dt)
-                if len(shape) != 1:
-                    a = a.reshape(shape)
-                d[e[0]] = a
-            else:
-                _, _, pbody, refs = e
-                views = [memoryview(buffers[bi])[off:off + n] for bi, off, n in refs]
-                d[e[0]] = pickle.loads(pbody, buffers=views)
+            try:
+                d[e[0]] = _value(e, buffers, np)
+            except Exception as exc:  # noqa: BLE001 - reported; the other keys arrive
+                if on_error is None:
+                    raise
+                on_error(step, e[0], exc)
         out.append((step, t, d, nbytes))
+    return out
+
+
+def latest(batches, on_error: Callable | None = None) -> dict:
+    """The newest value of every key in ``batches`` (newest batch first; each a
+    ``(body, buffers, publications or None)``): only the values that win are rebuilt, so
+    merging many batches costs one metadata unpickle each, not one array per publication.
+    A value that cannot be rebuilt is reported (``on_error(step, key, exc)``) and the
+    key's previous value wins."""
+    np = _np()
+    out: dict = {}
+    for body, buffers, pubs in batches:
+        if pubs is not None:  # already decoded (a stream() reader did)
+            for p in reversed(pubs):
+                for k, v in p[2].items():
+                    if k not in out:
+                        out[k] = v
+            continue
+        for step, _, _, entries in reversed(pickle.loads(body)):
+            for e in entries:
+                key = e[0]
+                if key in out:
+                    continue
+                try:
+                    out[key] = _value(e, buffers, np)
+                except Exception as exc:  # noqa: BLE001 - reported; an older value wins
+                    if on_error is None:
+                        raise
+                    on_error(step, key, exc)
     return out

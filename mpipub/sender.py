@@ -147,7 +147,8 @@ class Sender:
         sealed, self.sealed = self.sealed, []
         for b in sealed:
             enc = wire.frame(wire.DATA, b.task_id, b.pubs[0][0], b.first_t, b.metadata(),
-                             b.buffers(), recycle=b.recycle, count=len(b.pubs))
+                             b.buffers(), recycle=b.recycle, count=len(b.pubs),
+                             payload=b.nbytes, last_t=b.pubs[-1][1])
             self.outbox.send(enc, CLIENT_RANK, TAG_MSG, TAG_BUF)
 
     def _raise_error(self):

@@ -203,6 +203,49 @@ def test_bad_values_are_delivered_exactly_or_refused(mpi_script):
 
 
 @pytest.mark.bigmem
+def test_a_value_the_client_cannot_rebuild_is_reported_and_the_rest_arrives(mpi_script):
+    """A value pickles on the engine but fails to unpickle on rank 0: the client says which
+    engine, task, step and key on stderr, leaves that key out, and loses nothing else, both
+    in ``ar.data`` (where the key keeps its previous value) and in ``stream()``."""
+    job = mpi_script("""
+        import numpy as np
+        from mpipub import Client
+
+        class Unloadable:  # pickles as int("not a number"): raises when the client loads it
+            def __reduce__(self):
+                return (int, ("not a number",))
+
+        c = Client()
+        def produce(bad_at):
+            import numpy as np
+            from mpipub import publish_data
+            for i in range(40):
+                value = Unloadable() if i == bad_at else i
+                publish_data({"a": np.full(1000, i), "v": value, "i": i})
+        ar = c[1].apply_async(produce, 39)   # the last step's "v" is bad
+        ar.get(timeout=60)
+        d = ar.data
+        assert d["i"] == 39 and d["a"][0] == 39, d
+        assert d["v"] == 38, d["v"]          # the newest value that could be rebuilt
+        pubs = list(ar.stream())
+        assert [p.step for p in pubs] == list(range(40))
+        assert all(p.data["i"] == p.step and p.data["a"][0] == p.step for p in pubs)
+        assert "v" not in pubs[39].data and pubs[38].data["v"] == 38
+        ar = c[1].apply_async(produce, 5)
+        ar.get(timeout=60)
+        assert ar.data["v"] == 39
+        assert "v" not in [p for p in ar.stream()][5].data
+        print("OK undecodable")
+    """, nranks=2, timeout=60)
+    assert job.returncode == 0, f"exit {job.returncode}\n{job.output}"
+    assert "OK undecodable" in job.stdout
+    said = [line for line in job.stderr.splitlines() if "could not be decoded" in line]
+    assert ("mpipub: engine 1, task 1, step 39: the value of key 'v' could not be decoded on "
+            "the client and is left out: ValueError(") in job.stderr, job.stderr
+    assert "engine 1, task 2, step 5: the value of key 'v'" in job.stderr, job.stderr
+    assert len(said) == 2, said  # once each, though ar.data and stream() both decoded it
+
+
 def test_array_over_2gib_is_delivered_exactly(mpi_script):
     """One value over 2 GiB (MPI large counts). Rank 0 and the engine both hold copies
     (about 7 GB in all); deselect with ``-m 'not bigmem'`` on small CI machines."""
