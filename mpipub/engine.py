@@ -29,11 +29,12 @@ POLL_MAX_S = float(os.environ.get("MPIPUB_ENGINE_POLL_MAX_S", "0.002"))
 
 #: Bound on what one engine has sent and the client has not received yet (bytes, and
 #: publications; two messages may always be in flight, see wire.Outbox); past it
-#: publish_data waits for the oldest send. Small on purpose: what the client reads is then
-#: still in cache from the engine's copy. Measured on 2 cores, 1 engine, 64 KiB stream,
-#: settings interleaved in one job: 0.56-0.63x raw with 8 MiB, 0.79-0.98x with 1-3 MiB (two
-#: or three 1 MiB batches in flight); 1 MiB and 16 MiB arrays and 4 engines unchanged.
-MAX_OUTSTANDING_BYTES = int(os.environ.get("MPIPUB_MAX_OUTSTANDING_BYTES", str(2 << 20)))
+#: publish_data waits for the oldest send. Measured on 2 cores, settings interleaved in one
+#: job, pooled buffers on huge pages (wire.HUGE): 1 engine, 64 KiB: 0.61-1.44x raw with
+#: 8 MiB, 0.83-1.38x with 4 MiB, 0.75-1.0x with 2 MiB (rank 0 waits for the engine to see a
+#: send end); 1 MiB: 3.7x with 4-8 MiB, 2.4-2.5x with 1-2 MiB; 4 engines: 2.0-2.4x with any.
+#: Before huge pages, 8 MiB was 0.56-0.63x at 64 KiB (the pages walked did not fit the TLB).
+MAX_OUTSTANDING_BYTES = int(os.environ.get("MPIPUB_MAX_OUTSTANDING_BYTES", str(4 << 20)))
 MAX_OUTSTANDING_COUNT = int(os.environ.get("MPIPUB_MAX_OUTSTANDING_COUNT", "1024"))
 #: A running task reads abort requests at most this often (seconds), from publish_data
 #: (an MPI probe costs a few us: a call every step would be most of a small publication).

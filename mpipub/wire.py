@@ -65,6 +65,37 @@ def _empty(nbytes: int):
     return np.empty(nbytes, np.uint8)
 
 
+#: Pooled buffers of at least HUGE_MIN bytes are carved from 2 MiB-aligned memory that the
+#: kernel may back with transparent huge pages (madvise; where THP is off nothing changes).
+#: MPICH's single-copy receive walks both processes' pages: measured here, a 1 MiB stream
+#: into 64 receive buffers went from 2.0-2.5 to 8.3-8.6 GB/s, into 2 from 7.4-10.6 to 14-21.
+HUGE = 2 << 20
+HUGE_MIN = 64 << 10
+
+
+def _huge_pieces(nbytes: int) -> list:
+    """Fresh buffers of ``nbytes`` sharing 2 MiB huge-page-aligned memory (as many as fit in
+    one 2 MiB page, or one buffer over several); the memory goes back to the system when
+    the last of them is gone (they are numpy views of one anonymous mapping)."""
+    import mmap
+
+    np = _np()
+    if nbytes > HUGE // 2:
+        count, size = 1, -(-nbytes // HUGE) * HUGE
+    else:
+        count, size = HUGE // nbytes, HUGE
+    # private (a shared anonymous mapping would be shmem, which THP leaves alone); the part
+    # outside [off, off + size) is never touched, so it never takes memory
+    mm = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = np.frombuffer(mm, np.uint8)
+    off = (-base.ctypes.data) % HUGE
+    try:
+        mm.madvise(mmap.MADV_HUGEPAGE, off, size)
+    except (AttributeError, OSError, ValueError):  # no THP here: ordinary pages
+        pass
+    return [base[off + i * nbytes: off + (i + 1) * nbytes] for i in range(count)]
+
+
 def _pad(n: int) -> int:
     return (-n) % ALIGN
 
@@ -200,7 +231,12 @@ class BufferPool:
         if lst:
             self.idle_bytes -= nbytes
             return lst.pop()
-        return _empty(nbytes)
+        if nbytes < HUGE_MIN:
+            return _empty(nbytes)
+        first, *more = _huge_pieces(nbytes)
+        for b in more:  # the rest of the page waits here for the next takes of this size
+            self.give(b)
+        return first
 
     def give(self, buf) -> None:
         n = buf.nbytes

@@ -1,0 +1,67 @@
+"""The pools that send and receive buffers come from (wire.BufferPool, wire.RecvPool): buffers
+carved from shared huge-page memory must never overlap, and memory goes back when unused.
+
+No MPI here: these are the allocators alone (the MPI jobs in test_api use them end to end).
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import numpy as np
+
+from mpipub import wire
+
+
+def _span(a: np.ndarray) -> tuple[int, int]:
+    start = a.__array_interface__["data"][0]
+    return start, start + a.nbytes
+
+
+def test_pooled_buffers_never_overlap_and_sit_on_huge_page_boundaries():
+    pool = wire.BufferPool()
+    sizes = [64 << 10, 192 << 10, 1 << 20, 3 << 20, 5000, (1 << 20) + 8]
+    taken = [pool.take(n) for n in sizes for _ in range(5)]
+    spans = sorted(_span(a) for a in taken)
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert end <= start, "two pooled buffers share memory"
+    for i, a in enumerate(taken):
+        a[:] = i % 251
+    assert all(np.all(a == i % 251) for i, a in enumerate(taken))
+    for a in taken:
+        if a.nbytes >= wire.HUGE_MIN:
+            assert a.nbytes in sizes and a.flags.writeable
+    firsts = [pool.take(n) for n in (4 << 20, 2 << 20)]  # fresh pages: 2 MiB aligned
+    assert all(_span(a)[0] % wire.HUGE == 0 for a in firsts)
+
+
+def test_the_rest_of_a_page_is_pooled_and_its_memory_freed_with_the_last_buffer():
+    pool = wire.BufferPool()
+    a = pool.take(1 << 20)
+    assert pool.idle_bytes == 1 << 20  # the page's other half waits in the pool
+    b = pool.take(1 << 20)
+    assert pool.idle_bytes == 0 and _span(b)[0] == _span(a)[1]
+    page = weakref.ref(a.base)  # the array over the whole mapping (its pieces view it)
+    del a
+    gc.collect()
+    assert page() is not None  # b still uses the page
+    del b
+    gc.collect()
+    assert page() is None
+
+
+def test_received_buffers_are_reused_only_when_nothing_views_them():
+    pool = wire.RecvPool()
+    first = pool.take(100_000)
+    view = first[10:20]
+    del first
+    gc.collect()
+    second = pool.take(100_000)
+    view[:] = 7
+    second[:] = 1
+    assert np.all(view == 7)  # still its own memory
+    del view, second
+    gc.collect()
+    third = pool.take(100_000)
+    assert third.nbytes == 100_000
