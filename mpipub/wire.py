@@ -31,10 +31,10 @@ ALIGN = 16
 
 #: Publications whose raw buffers total at most this many bytes travel as one MPI message.
 #: Measured (python -m mpipub.bench --only inline, row 1i; pip MPICH 5.0, 2 cores, 1 engine,
-#: copy mode, four runs): one message carrying a copy gave 0.9-1.7x (mostly above 1) the
-#: throughput of header + raw buffer from 1 KiB to 32 KiB, and 0.87-1.05x at 64-128 KiB,
-#: where the raw buffer's single-copy transfer takes over. So 32 KiB stays, now measured.
-INLINE_LIMIT = 32 * 1024
+#: copy mode, three runs, pooled buffers on huge pages): one message carrying a copy gave
+#: 1.3-2.2x the throughput of header + raw buffer from 1 to 8 KiB, and 0.7-0.8x from 16 KiB,
+#: where the raw buffer's single-copy transfer takes over (it was 32 KiB before huge pages).
+INLINE_LIMIT = 8 * 1024
 
 # Message kinds.
 DATA = 1  # engine -> client: a batch of publications (packing.py)

@@ -39,8 +39,8 @@ FULL = {
     "sink": [[KiB, 4000], [64 * KiB, 4000], [MiB, 512]], "sink_repeats": 3,
     "scale": [1, 2, 4, 8, 16, 32], "scale_total": 4096, "scale_repeats": 3,
     "ipp": True,
-    "inline": [[KiB, 8000], [4 * KiB, 8000], [16 * KiB, 4000], [32 * KiB, 4000],
-               [64 * KiB, 2000], [128 * KiB, 1000]],
+    "inline": [[KiB, 8000], [4 * KiB, 8000], [8 * KiB, 8000], [16 * KiB, 4000],
+               [32 * KiB, 4000], [64 * KiB, 2000], [128 * KiB, 1000]],
 }
 QUICK = {
     "repeats": 1,
