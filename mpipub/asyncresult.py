@@ -15,7 +15,6 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CompositeError, MpipubError, RemoteError
@@ -55,31 +54,53 @@ class Publication:
     __hash__ = None  # type: ignore[assignment]  (data is a dict)
 
 
-@dataclass
 class EngineStats:
-    """Counters for one engine in one task."""
+    """Counters for one engine in one task: ``publications``, ``bytes``, ``last_step``,
+    ``last_time`` (arrival time of the last publication on rank 0) and ``lag`` (its arrival
+    minus publish time, seconds)."""
 
-    publications: int = 0
-    bytes: int = 0
-    last_step: int | None = None
-    last_time: float | None = None  #: arrival time of the last publication on rank 0
-    lag: float | None = None  #: arrival minus publish time of the last publication (s)
+    # (a plain class, not a dataclass: importing dataclasses costs every rank ~10 ms at
+    # start-up, benchmark row 6)
+    __slots__ = ("publications", "bytes", "last_step", "last_time", "lag")
+
+    def __init__(self, publications: int = 0, bytes: int = 0, last_step: int | None = None,
+                 last_time: float | None = None, lag: float | None = None):
+        self.publications = publications
+        self.bytes = bytes
+        self.last_step = last_step
+        self.last_time = last_time
+        self.lag = lag
+
+    def _fields(self) -> tuple:
+        return tuple(getattr(self, k) for k in self.__slots__)
+
+    def __repr__(self) -> str:
+        return "EngineStats(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, EngineStats):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]  (mutable)
 
 
-@dataclass
 class _EngineState:
-    data: dict = field(default_factory=dict)  # merged up to the batches in `unmerged`
-    unmerged: list = field(default_factory=list)  # batches received since (oldest first)
-    merging: threading.Lock = field(default_factory=threading.Lock)  # one merger at a time
-    stats: EngineStats = field(default_factory=EngineStats)
-    done: bool = False
-    ok: bool = False
-    value: Any = None
-    error: RemoteError | None = None
-    started: float | None = None
-    finished: float | None = None
-    stdout: list = field(default_factory=list)
-    stderr: list = field(default_factory=list)
+    """What the client knows about one engine in one task."""
+
+    def __init__(self) -> None:
+        self.data: dict = {}  # merged up to the batches in `unmerged`
+        self.unmerged: list = []  # batches received since (oldest first)
+        self.merging = threading.Lock()  # one merger at a time
+        self.stats = EngineStats()
+        self.done = False
+        self.ok = False
+        self.value: Any = None
+        self.error: RemoteError | None = None
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.stdout: list = []
+        self.stderr: list = []
 
 
 class ReceivedBatch:
@@ -305,7 +326,8 @@ class AsyncResult:
     def stats(self) -> dict[int, EngineStats]:
         """Per-engine counters: publications, bytes, last step, time of last arrival, lag."""
         with self._rec.cond:
-            return {e: EngineStats(**vars(self._rec.state[e].stats)) for e in self._rec.engines}
+            return {e: EngineStats(*self._rec.state[e].stats._fields())
+                    for e in self._rec.engines}
 
     @property
     def stdout(self) -> str | list[str]:

@@ -17,8 +17,6 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable
 
-import cloudpickle
-
 from . import comm as _comm
 from . import engine as _engine
 from . import wire
@@ -199,7 +197,7 @@ def _culprit(fn, args, kwargs) -> str:
     """Name the first part of a task that cannot be serialised."""
     def fails(obj) -> Exception | None:
         try:
-            cloudpickle.dumps(obj, protocol=5, buffer_callback=lambda b: None)
+            _engine._cloudpickle().dumps(obj, protocol=5, buffer_callback=lambda b: None)
         except Exception as exc:  # noqa: BLE001
             return exc
         return None
@@ -218,7 +216,8 @@ def _culprit(fn, args, kwargs) -> str:
 def _encode_task(task_id: int, payload: tuple, label: str, options: dict) -> wire.Encoded:
     fn, args, kwargs = payload
     try:
-        return wire.encode(wire.TASK, task_id, 0, (fn, args, kwargs, options), cloudpickle.dumps)
+        dumps = _engine._cloudpickle().dumps  # (imported on first submit: start-up stays light)
+        return wire.encode(wire.TASK, task_id, 0, (fn, args, kwargs, options), dumps)
     except Exception as exc:  # noqa: BLE001
         raise TypeError(f"cannot send {label} to the engines: {_culprit(fn, args, kwargs)}") \
             from exc
