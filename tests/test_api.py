@@ -198,6 +198,53 @@ def test_last_step_of_a_burst_arrives_while_the_engine_computes(mpi_script):
     ok(job, "OK burst")
 
 
+def test_data_keeps_every_key_when_nobody_reads_it_and_history_wraps(mpi_script):
+    # The client keeps batches undecoded until ar.data or stream() asks (asyncresult.py). A
+    # key published once, long before, must still be in ar.data after the history has
+    # dropped its batch many times over; the batches ar.data has not merged yet must stay
+    # bounded (they would keep received memory alive); stream() says what it lost and
+    # yields the rest in order.
+    job = mpi_script("""
+        import warnings
+        import numpy as np
+        from mpipub import Client
+        from mpipub.asyncresult import MERGE_AFTER
+        c = Client(history_bytes=2 << 20)
+        def produce(n):
+            import numpy as np
+            from mpipub import publish_data
+            publish_data({"meta": "run-7", "a": np.zeros(4)})
+            for i in range(1, n):
+                publish_data({"a": np.full(8192, i), "i": i})   # 64 KiB
+            return n
+        for rep in range(2):
+            ar = c[:].apply_async(produce, 600)
+            ar.get(timeout=60)
+            rec = ar._rec
+            kept = {id(b) for b in rec.history}
+            for e in c.ids:   # what ar.data has not merged yet is still in the history
+                unmerged = rec.state[e].unmerged
+                assert len(unmerged) <= MERGE_AFTER and all(id(b) in kept for b in unmerged)
+            assert rec.history_size <= (2 << 20) + (1 << 20) + 4096, rec.history_size
+            for d in ar.data:
+                assert d["meta"] == "run-7" and d["i"] == 599, (d.keys(), d.get("i"))
+                assert d["a"].shape == (8192,) and np.all(d["a"] == 599)
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                pubs = list(ar.stream())
+            assert any("were dropped before being read" in str(x.message) for x in w), w
+            assert pubs and pubs[-1].step == 599     # the newest batch is always kept
+            for e in c.ids:   # each engine's kept steps: its newest, in order, no gap
+                steps = [p.step for p in pubs if p.engine == e]
+                assert steps == list(range(600 - len(steps), 600)), steps[:3]
+                assert all(p.data["i"] == p.step for p in pubs if p.engine == e)
+            assert len(pubs) < 1200
+            assert [s.publications for s in ar.stats.values()] == [600] * len(c)
+        print("OK wrap")
+    """, nranks=3, timeout=120)
+    ok(job, "OK wrap")
+
+
 def test_arrays_held_by_the_user_survive_later_receives(mpi_script):
     # Received buffers are reused once nothing references them (wire.RecvPool): arrays the
     # user still holds (from ar.data, stream(), sliced, reshaped) must never be overwritten.
