@@ -113,7 +113,8 @@ class ReceivedBatch:
     __slots__ = ("engine", "task_id", "first_step", "first_seq", "count", "nbytes", "received",
                  "body", "buffers", "_pubs", "_reported")
 
-    def __init__(self, engine: int, m, first_seq: int, received: float, reported: set):
+    def __init__(self, engine: int, m, first_seq: int, received: float, reported: set,
+                 pubs: list | None = None):
         self.engine = engine
         self.task_id = m.task_id
         self.first_step = m.step
@@ -123,7 +124,7 @@ class ReceivedBatch:
         self.received = received
         self.body = m.body
         self.buffers = m.buffers
-        self._pubs: list | None = None
+        self._pubs = pubs
         self._reported = reported  # the task's undecodable values already reported
 
     def publications(self) -> list:
@@ -204,15 +205,14 @@ class TaskRecord:
         needed them). Counts it and keeps it; nothing is decoded here."""
         now = time.time()
         st = self.state[engine]
-        b = ReceivedBatch(engine, m, self.history_pubs, now, self.reported)
-        b._pubs = pubs
-        dropped_unmerged = False
+        b = ReceivedBatch(engine, m, self.history_pubs, now, self.reported, pubs)
+        to_merge = set()  # engines whose unmerged batches the history is dropping
         with self.cond:
             st.unmerged.append(b)
             s = st.stats
             s.publications += b.count
             s.bytes += b.nbytes
-            s.last_step = b.first_step + b.count - 1
+            s.last_step = b.first_step + b.count - 1  # (a batch's steps are consecutive)
             s.last_time = now
             s.lag = now - m.last_time
             history = self.history
@@ -223,17 +223,16 @@ class TaskRecord:
                 old = history.popleft()
                 self.history_size -= old.nbytes
                 self.history_first += 1
-                dropped_unmerged = dropped_unmerged or old in self.state[old.engine].unmerged
+                if old.engine not in to_merge and old in self.state[old.engine].unmerged:
+                    to_merge.add(old.engine)
             if self.data_waiters:
                 self.cond.notify_all()
         # Merge here only what would otherwise outlive the history (or pile up): the
         # batches ar.data still needs must not keep received memory alive past the limit.
-        if dropped_unmerged:
-            for e in self.engines:
-                if self.state[e].unmerged:
-                    self.merged_data(e)
-        elif len(st.unmerged) > MERGE_AFTER:
-            self.merged_data(engine)
+        if len(st.unmerged) > MERGE_AFTER:
+            to_merge.add(engine)
+        for e in to_merge:
+            self.merged_data(e)
 
     def merged_data(self, engine: int) -> dict:
         """``engine``'s latest data, merged key by key (a new dict whenever it changes)."""

@@ -86,7 +86,10 @@ def _huge_pieces(nbytes: int) -> list:
         count, size = HUGE // nbytes, HUGE
     # private (a shared anonymous mapping would be shmem, which THP leaves alone); the part
     # outside [off, off + size) is never touched, so it never takes memory
-    mm = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        mm = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (AttributeError, OSError, ValueError):  # no such mapping here: plain memory
+        return [_empty(nbytes)]
     base = np.frombuffer(mm, np.uint8)
     off = (-base.ctypes.data) % HUGE
     try:
