@@ -33,7 +33,7 @@ POLL_MAX_S = float(os.environ.get("MPIPUB_ENGINE_POLL_MAX_S", "0.002"))
 #: job, pooled buffers on huge pages (wire.HUGE): 1 engine, 64 KiB: 0.61-1.44x raw with
 #: 8 MiB, 0.83-1.38x with 4 MiB, 0.75-1.0x with 2 MiB (rank 0 waits for the engine to see a
 #: send end); 1 MiB: 3.7x with 4-8 MiB, 2.4-2.5x with 1-2 MiB; 4 engines: 2.0-2.4x with any.
-#: Before huge pages, 8 MiB was 0.56-0.63x at 64 KiB (the pages walked did not fit the TLB).
+#: Before huge pages, 8 MiB was 0.56-0.63x at 64 KiB (more 4 KiB pages to walk per transfer).
 MAX_OUTSTANDING_BYTES = int(os.environ.get("MPIPUB_MAX_OUTSTANDING_BYTES", str(4 << 20)))
 MAX_OUTSTANDING_COUNT = int(os.environ.get("MPIPUB_MAX_OUTSTANDING_COUNT", "1024"))
 #: A running task reads abort requests at most this often (seconds), from publish_data
