@@ -111,7 +111,7 @@ class ReceivedBatch:
     it reads."""
 
     __slots__ = ("engine", "task_id", "first_step", "first_seq", "count", "nbytes", "received",
-                 "body", "buffers", "_pubs", "_reported")
+                 "body", "buffers", "merged", "_pubs", "_reported")
 
     def __init__(self, engine: int, m, first_seq: int, received: float, reported: set,
                  pubs: list | None = None):
@@ -124,6 +124,7 @@ class ReceivedBatch:
         self.received = received
         self.body = m.body
         self.buffers = m.buffers
+        self.merged = False  # folded into ar.data (set under the record's lock)
         self._pubs = pubs
         self._reported = reported  # the task's undecodable values already reported
 
@@ -223,7 +224,7 @@ class TaskRecord:
                 old = history.popleft()
                 self.history_size -= old.nbytes
                 self.history_first += 1
-                if old.engine not in to_merge and old in self.state[old.engine].unmerged:
+                if not old.merged:
                     to_merge.add(old.engine)
             if self.data_waiters:
                 self.cond.notify_all()
@@ -241,6 +242,8 @@ class TaskRecord:
             with self.cond:
                 batches, st.unmerged = st.unmerged, []
                 base = st.data
+                for b in batches:
+                    b.merged = True
             if not batches:
                 return base
             def on_error(step, key, exc):
