@@ -37,10 +37,15 @@ POLL_MAX_S = float(os.environ.get("MPIPUB_ENGINE_POLL_MAX_S", "0.002"))
 MAX_OUTSTANDING_BYTES = int(os.environ.get("MPIPUB_MAX_OUTSTANDING_BYTES", str(4 << 20)))
 MAX_OUTSTANDING_COUNT = int(os.environ.get("MPIPUB_MAX_OUTSTANDING_COUNT", "1024"))
 #: A running task reads abort requests at most this often (seconds), from publish_data
-#: (an MPI probe costs a few us: a call every step would be most of a small publication).
-ABORT_POLL_S = 0.01
+#: (an MPI probe costs a few us: a call every step would be most of a small publication;
+#: and a call that polls takes the Python path, not the C one: at 10 ms that was one call in
+#: five for a simulation stepping every 2 ms).
+ABORT_POLL_S = 0.05
 
 _current: Engine | None = None
+#: While a task runs: the sender's C publish path (sender.Sender.fast_path), which
+#: publish_data tries first; None when it is not built or cannot take this task's data.
+fast_publish = None
 
 
 def _cloudpickle():
@@ -121,11 +126,8 @@ class Engine:
         self.sender = Sender(self.comm, self.MPI, max_bytes=max_outstanding_bytes,
                              max_count=max_outstanding_count)
         self.namespace: dict = {"__name__": "__mpipub_engine__", "__builtins__": builtins}
-        self.task_id: int | None = None
         self.task_options: dict = {}
         self.check_value = None  # the sink's check of published values, when one is on
-        self.step = 0
-        self._next_abort_poll = 0.0
         self.busy = False
         self.aborted: dict[int, str | None] = {}  # task id -> reason
         self._status = self.MPI.Status()
@@ -133,20 +135,42 @@ class Engine:
         self.sending = False  # inside outbox.send: a signal is deferred (see _on_signal)
         self.deferred_signal: int | None = None
 
+    # The running task and its publications so far live on the sender, where its C publish
+    # path (sender.Sender.fast_path) counts them too.
+    @property
+    def task_id(self) -> int | None:
+        return self.sender.task_id
+
+    @task_id.setter
+    def task_id(self, value: int | None) -> None:
+        self.sender.task_id = value
+
+    @property
+    def step(self) -> int:
+        return self.sender.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.sender.step = value
+
     # -- sending ------------------------------------------------------------------------------
     def publish(self, data, copy: bool) -> None:
         """One publish_data call: read aborts now and then, then hand ``data`` to the sender.
         Raises packing.ValueNotSendable for a value that cannot be serialised."""
+        global fast_publish
+        sender = self.sender
         t = time.time()
-        if t >= self._next_abort_poll:
-            self._next_abort_poll = t + ABORT_POLL_S
+        if t >= sender.next_abort_poll:
+            sender.next_abort_poll = t + ABORT_POLL_S
             self.poll_aborts()
         self.sending = True
         try:
-            self.sender.publish(self.task_id, self.step, t, data, copy)
-            self.step += 1
+            sender.publish(sender.task_id, sender.step, t, data, copy)
+            sender.step += 1
         finally:
             self.sending = False
+        if fast_publish is None and self.check_value is None and self.busy:
+            fast_publish = sender.fast_path()  # (once numpy is imported)
         if self.deferred_signal is not None:
             self._raise_deferred()
 
@@ -234,6 +258,7 @@ class Engine:
 
     # -- running a task ---------------------------------------------------------------------
     def run_task(self, m: wire.Message) -> None:
+        global fast_publish
         self.task_id = m.task_id
         self.step = 0
         self.aborted = {t: r for t, r in self.aborted.items() if t >= m.task_id}
@@ -244,7 +269,7 @@ class Engine:
             fn, args, kwargs, options = m.decode()
             self.task_options = options or {}
             self.check_value = self.task_options.get("check_value")
-            self._next_abort_poll = 0.0
+            self.sender.next_abort_poll = 0.0
             fn = self._bind(fn)
             sys.stdout = _ForwardedStream(self, out, 1)
             sys.stderr = _ForwardedStream(self, err, 2)
@@ -256,6 +281,7 @@ class Engine:
             ok = False
             value = self._error_info(exc)
         finally:
+            fast_publish = None
             self.busy = False
             for s in (sys.stdout, sys.stderr):
                 if isinstance(s, _ForwardedStream):

@@ -22,6 +22,7 @@ where each entry is one of
 
 from __future__ import annotations
 
+import os
 import pickle
 from typing import Callable
 
@@ -77,13 +78,8 @@ def _np():
     return numpy
 
 
-class Batch:
-    """Publications of one task not yet sent (engine side, filled by ``add``).
-
-    ``buffers()`` are what the message carries after its metadata: the used part of each
-    slab and the dedicated buffers; ``recycle`` holds the pooled buffers to give back once
-    the send has completed.
-    """
+class _BatchFields:
+    """packing.Batch's fields, where the C publish path (_fastpub.BatchBase) is not built."""
 
     __slots__ = ("task_id", "pubs", "recycle", "nbytes", "first_t", "_bufs", "_slab",
                  "_slab_mv", "_slab_index", "_slab_off", "_pool")
@@ -100,6 +96,26 @@ class Batch:
         self._slab_mv = None
         self._slab_index = -1
         self._slab_off = 0
+
+
+fastpub = None  # mpipub._fastpub when it is built and not turned off (see _fastpub.c)
+if os.environ.get("MPIPUB_PURE_PYTHON", "") in ("", "0"):
+    try:
+        from . import _fastpub as fastpub
+    except ImportError:
+        pass
+
+
+class Batch(_BatchFields if fastpub is None else fastpub.BatchBase):  # type: ignore[misc]
+    """Publications of one task not yet sent (engine side, filled by ``add``, or by
+    ``_fastpub`` for plain publications, which appends exactly what ``add`` would).
+
+    ``buffers()`` are what the message carries after its metadata: the used part of each
+    slab and the dedicated buffers; ``recycle`` holds the pooled buffers to give back once
+    the send has completed.
+    """
+
+    __slots__ = ()
 
     def __len__(self) -> int:
         return len(self.pubs)

@@ -18,14 +18,16 @@ CPU).
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 import threading
 import time
 
-from . import wire
+from . import packing, wire
 from .comm import CLIENT_RANK, TAG_BUF, TAG_MSG
 from .errors import MpipubError
-from .packing import Batch
+from .packing import Batch, fastpub
 
 #: A batch is sent by the publishing thread once it holds this many bytes or publications,
 #: or is this old (seconds): bounds the client's staleness during a tight loop.
@@ -38,10 +40,41 @@ LINGER_S = float(os.environ.get("MPIPUB_LINGER_S", "0.0001"))
 #: that doubles from _PROGRESS_MIN_S to _PROGRESS_MAX_S while none completes.
 _PROGRESS_MIN_S = 50e-6
 _PROGRESS_MAX_S = 1e-3
+#: A publication does not wake the flusher when it will look by itself within this long
+#: (seconds): waking a sleeping thread cost ~6 us in the caller here (a futex wake of another
+#: CPU), more than half of a 64 KiB copy. So a task that publishes at a steady pace is
+#: served by a timer: once idle, the flusher sleeps until the next step is due (the last
+#: interval between publications, plus LINGER_S and _EXPECT_LATE_S), and a step that comes
+#: within this window is posted then, up to this much later than a wake-up would post it.
+WAKE_SLACK_S = 0.5e-3
+_EXPECT_LATE_S = 0.25e-3
+_NEVER = -math.inf  # wakes_at of a flusher on a short timer: it looks by itself, never woken
+_IDLE = math.inf  # wakes_at of a flusher with nothing to watch (no timeout): always woken
 
 
-class Sender:
-    """Owns the engine's outbox: the open batch, the flusher thread and the send lock."""
+_fastpub_configured = False
+
+
+def configure_fastpub() -> bool:
+    """Hand ``_fastpub`` the constants it shares with packing.py and this module; False
+    while it cannot run (not built, or numpy not imported yet)."""
+    global _fastpub_configured
+    if not _fastpub_configured and fastpub is not None and "numpy" in sys.modules:
+        fastpub.configure(
+            ndarray=sys.modules["numpy"].ndarray, plain_dtypes=packing._plain_dtypes,
+            slab_item_max=packing.SLAB_ITEM_MAX, slab_bytes=packing.SLAB_BYTES,
+            align=packing.ALIGN, batch_bytes=BATCH_BYTES, batch_pubs=BATCH_PUBS,
+            max_age_s=MAX_AGE_S, wake_slack_s=WAKE_SLACK_S, value_code=packing.VALUE,
+            array_code=packing.ARRAY)
+        _fastpub_configured = True
+    return _fastpub_configured
+
+
+class Sender(object if fastpub is None else fastpub.SenderBase):  # type: ignore[misc]
+    """Owns the engine's outbox: the open batch, the flusher thread and the send lock.
+
+    With ``_fastpub`` built, plain publications skip ``publish``: ``fast_publish`` (C) adds
+    them under the same lock to the same fields (``batch``, ``step``, ``last_add``, ...)."""
 
     def __init__(self, comm, MPI, *, max_bytes: int, max_count: int):
         self.pool = wire.BufferPool()
@@ -49,18 +82,34 @@ class Sender:
                                   pool=self.pool)
         self.lock = threading.Lock()  # batches, outbox and pool
         self.batch: Batch | None = None  # open: publish() adds to it
+        self.batch_type = Batch
         self.sealed: list[Batch] = []  # complete, not yet posted
+        self.ready_slab = None  # a pooled slab for fast_publish to open a batch with
+        self.task_id: int | None = None  # the running task
+        self.step = 0  # its publications so far
+        self.next_abort_poll = 0.0  # publish() reads abort requests from then on (Engine)
         self.last_add = 0.0
         self.error: BaseException | None = None
         # a plain lock used as a binary semaphore: release() is the cheapest wake-up there is
         self._wake = threading.Lock()
         self._wake.acquire()
-        self._flusher_idle = False  # in its wait with nothing to watch (no timeout)
+        self._lock_acquire = self.lock.acquire
+        self._lock_release = self.lock.release
+        self._wake_release = self._wake.release
+        self.wakes_at = _NEVER  # when the flusher looks next by itself (_IDLE: never)
         self._closing = False
+        self._fast_ready = False
         self._thread = threading.Thread(target=self._run, name="mpipub-flusher", daemon=True)
         self._thread.start()
 
     # -- the task's thread ----------------------------------------------------------------------
+    def fast_path(self):
+        """``fast_publish`` once it can run (numpy imported, so arrays can be recognised),
+        else None; publish_data tries it first."""
+        if not self._fast_ready:
+            self._fast_ready = configure_fastpub()
+        return self.fast_publish if self._fast_ready else None
+
     def publish(self, task_id: int, step: int, t: float, data, copy: bool) -> None:
         """Add one publication (raises packing.ValueNotSendable naming the key)."""
         if self.error is not None:
@@ -86,10 +135,11 @@ class Sender:
                 if len(self.sealed) > 1:
                     # the flusher has not had the GIL since the last one: post them here
                     self._post_sealed()
-                wake = self._flusher_idle  # it posts the sealed batch
-            else:
-                wake = self._flusher_idle and len(b.pubs) == 1  # it starts its linger clock
-        # Only an idle flusher is woken: one on a timer looks by itself. Waking it at every
+                wake = self.wakes_at - t > WAKE_SLACK_S  # it posts the sealed batch
+            else:  # it starts its linger clock
+                wake = len(b.pubs) == 1 and self.wakes_at - t > WAKE_SLACK_S
+        # Only an idle flusher is woken (or one whose timer is far off): one on a short
+        # timer looks by itself. Waking it at every
         # batch cost a thread switch each time, ~10% of a 64 KiB stream when the kernel put
         # the flusher beside rank 0's I/O thread (threads pinned: 5.0-5.1 against 5.4-5.9
         # GB/s); woken only when idle, where it runs made no difference (5.0-5.6 GB/s).
@@ -106,7 +156,7 @@ class Sender:
             enc = wire.encode(kind, task_id, step, obj, dumps, copy=copy, pool=self.pool)
             self._post_all()
             self.outbox.send(enc, CLIENT_RANK, TAG_MSG, TAG_BUF)
-        if self._flusher_idle:
+        if self.wakes_at - time.time() > WAKE_SLACK_S:
             self._wake_flusher()  # it tests the sends while we return to work
 
     def post(self) -> None:
@@ -130,7 +180,7 @@ class Sender:
         self._thread.join(timeout=2.0)  # (a daemon: it cannot keep the process alive)
 
     def _wake_flusher(self) -> None:
-        self._flusher_idle = False
+        self.wakes_at = _NEVER
         try:
             self._wake.release()
         except RuntimeError:  # already released (it woke on its own meanwhile)
@@ -176,6 +226,7 @@ class Sender:
         lock = self.lock
         busy = LINGER_S
         poll = _PROGRESS_MIN_S
+        seen_add = 0.0  # last_add when we last had nothing to do
         while not self._closing:
             timeout: float | None
             if lock.acquire(blocking=False):
@@ -185,6 +236,7 @@ class Sender:
                     now = time.time()
                     quiet = now - self.last_add
                     b = self.batch
+                    wakes_at = _NEVER
                     if quiet < LINGER_S and (b is None or now - b.first_t < MAX_AGE_S):
                         timeout = max(LINGER_S - quiet, busy)  # the task is publishing
                         busy = min(busy * 2, MAX_AGE_S)
@@ -201,12 +253,24 @@ class Sender:
                                 poll = _PROGRESS_MIN_S if len(ob) < n else min(
                                     poll * 2, _PROGRESS_MAX_S)
                                 timeout = poll
+                        if self.ready_slab is None and self._fast_ready and \
+                                self.task_id is not None:
+                            self.ready_slab = self.pool.take(packing.SLAB_BYTES)
+                        if timeout is None:
+                            # nothing to do: expect the next step one interval after the last
+                            last, interval, seen_add = self.last_add, self.last_add - seen_add, \
+                                self.last_add
+                            due = last + interval + LINGER_S + _EXPECT_LATE_S
+                            if 0 < interval < 60 and due > now:
+                                timeout, wakes_at = due - now, due
+                            else:
+                                wakes_at = _IDLE
                     # under the lock, so publish() sees it once it has added to a batch
-                    self._flusher_idle = timeout is None
+                    self.wakes_at = wakes_at
                 finally:
                     lock.release()
             else:
                 timeout = busy
                 busy = min(busy * 2, MAX_AGE_S)
             self._wake.acquire(timeout=-1 if timeout is None else max(timeout, 1e-6))
-            self._flusher_idle = False
+            self.wakes_at = _NEVER

@@ -33,6 +33,13 @@ class Job:
         return self.stdout + self.stderr
 
 
+def ok(job: Job, *markers: str) -> None:
+    """The job exited 0 and printed every marker."""
+    assert job.returncode == 0, f"exit {job.returncode}\n{job.output}"
+    for m in markers:
+        assert m in job.stdout, f"{m!r} missing\n{job.output}"
+
+
 def mpi_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

@@ -10,13 +10,7 @@ import sys
 
 import pytest
 
-from conftest import run_mpi
-
-
-def ok(job, *markers):
-    assert job.returncode == 0, f"exit {job.returncode}\n{job.output}"
-    for m in markers:
-        assert m in job.stdout, f"{m!r} missing\n{job.output}"
+from conftest import ok, run_mpi
 
 
 def test_views_and_apply(mpi_script):

@@ -1,0 +1,260 @@
+"""The C publish path (mpipub/_fastpub.c) packs exactly what packing.Batch.add packs, and
+leaves everything it does not handle to the Python path, with nothing changed.
+
+The first tests drive it in this process (no MPI: they check packing, byte for byte); the
+last runs real engines both ways, with the C path and with MPIPUB_PURE_PYTHON=1."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+
+from conftest import ok
+from mpipub import packing, sender, wire
+
+fastpub = packing.fastpub
+needs_c = pytest.mark.skipif(fastpub is None, reason="mpipub._fastpub is not built here")
+
+
+class _Sub(np.ndarray):
+    pass
+
+
+class _Sender(fastpub.SenderBase if fastpub is not None else object):  # type: ignore[misc]
+    """A sender with the C path's fields and no flusher or MPI: the test plays the flusher."""
+
+    def __init__(self):
+        self.pool = wire.BufferPool()
+        self.lock = threading.Lock()
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.batch = None
+        self.batch_type = packing.Batch
+        self.sealed = []
+        self.ready_slab = self.pool.take(packing.SLAB_BYTES)
+        self.task_id = 7
+        self.error = None
+        self._lock_acquire, self._lock_release = self.lock.acquire, self.lock.release
+        self._wake_release = self.wake.release
+        self.step = 0
+        self.last_add = 0.0
+        self.wakes_at = -math.inf  # on a short timer: never woken
+        self.next_abort_poll = math.inf
+        self.posted = 0
+
+    def _post_sealed(self):
+        self.posted += len(self.sealed)
+        self.sealed = []
+
+    def python_add(self, data):
+        """What the Python path does with a publication (sender.Sender.publish)."""
+        if self.batch is None:
+            self.batch = packing.Batch(self.task_id, self.pool)
+        self.batch.add(self.step, time.time(), data, True)
+        self.step += 1
+
+    def state(self):
+        b = self.batch
+        return (b, self.step, self.ready_slab, self.last_add, len(self.sealed),
+                None if b is None else (len(b.pubs), b.nbytes, b._slab_off, len(b._bufs)))
+
+
+def _slab_bytes(batch, entry):
+    _, code, dts, shape, count, bi, off = entry
+    n = count * np.dtype(dts).itemsize
+    return bytes(memoryview(batch._bufs[bi] if bi != batch._slab_index else batch._slab)
+                 [off:off + n])
+
+
+def _assert_same(fast, ref):
+    """Same publications, entries and array bytes (times aside: each path reads the clock)."""
+    assert len(fast.pubs) == len(ref.pubs)
+    for (s1, t1, n1, e1), (s2, _, n2, e2) in zip(fast.pubs, ref.pubs):
+        assert (s1, n1, e1) == (s2, n2, e2)
+        assert abs(t1 - time.time()) < 60
+        for e_fast, e_ref in zip(e1, e2):
+            if e_fast[1] == packing.ARRAY:
+                assert _slab_bytes(fast, e_fast) == _slab_bytes(ref, e_ref)
+    assert (fast.nbytes, fast._slab_off, fast._slab_index) == \
+        (ref.nbytes, ref._slab_off, ref._slab_index)
+
+
+PLAIN = [
+    {"a": np.arange(20.0), "i": 0},
+    {"x": np.arange(12, dtype=np.int8).reshape(3, 4), "s": "text", "b": b"\x00\x01",
+     "n": None, "flag": True, "c": 1 + 2j, "f": 0.5},
+    {"f32": np.ones((2, 3, 4), np.float32), "u2": np.arange(5, dtype=np.uint16)},
+    {"odd": np.array([True, False, True]), "after": np.arange(3, dtype=np.int64)},  # alignment
+    {"zero_d": np.array(3.5)},
+    {},
+    {"full": np.ones(packing.SLAB_ITEM_MAX // 8)},  # the largest array a slab takes
+]
+
+
+@needs_c
+def test_plain_publications_are_packed_exactly_as_the_python_path_packs_them():
+    assert sender.configure_fastpub()
+    s, ref_pool = _Sender(), wire.BufferPool()
+    ref = packing.Batch(7, ref_pool)
+    for step, data in enumerate(PLAIN):
+        ref.add(step, time.time(), data, True)  # (also caches each dtype as plain)
+        assert s.fast_publish(data) is True, data
+    assert s.step == len(PLAIN) and s.ready_slab is None and s.batch.task_id == 7
+    _assert_same(s.batch, ref)
+    # what goes on the wire is the same too
+    assert [bytes(b) for b in s.batch.buffers()][0][:100] == \
+        [bytes(b) for b in ref.buffers()][0][:100]
+
+
+NOT_PLAIN = {
+    "strided": {"a": np.arange(10.0)[::2]},
+    "fortran order": {"a": np.asfortranarray(np.ones((3, 4)))},
+    "object dtype": {"a": np.array([1, "x"], dtype=object)},
+    "record dtype": {"a": np.zeros(2, dtype=[("x", "f4"), ("y", "i2")])},
+    "a list": {"i": 1, "a": [1, 2]},
+    "a numpy scalar": {"a": np.float64(1.0)},
+    "a key that is not str": {1: 2},
+    "an ndarray subclass": {"a": np.arange(3.0).view(_Sub)},
+    "too big for a slab": {"a": np.ones(packing.SLAB_ITEM_MAX // 8 + 1)},
+    "an empty array": {"a": np.zeros(0)},
+    "not a dict": OrderedDict(a=np.ones(3)),
+    "too many keys": {f"k{i}": i for i in range(40)},
+}
+
+
+@needs_c
+@pytest.mark.parametrize("what", list(NOT_PLAIN))
+def test_what_the_c_path_does_not_handle_is_left_to_python_untouched(what):
+    assert sender.configure_fastpub()
+    s = _Sender()
+    for data in NOT_PLAIN.values():  # every dtype seen once (the dtype cache is Python's)
+        b = packing.Batch(1, wire.BufferPool())
+        try:
+            b.add(0, 0.0, data, True)
+        except Exception:  # noqa: BLE001
+            pass
+    for opened in (False, True):
+        if opened:
+            assert s.fast_publish({"i": 1}) is True
+        before = s.state()
+        assert s.fast_publish(NOT_PLAIN[what]) is False
+        assert s.state() == before
+
+
+@needs_c
+def test_the_c_path_steps_aside_when_it_must():
+    assert sender.configure_fastpub()
+    s = _Sender()
+    a = np.ones(100)
+    packing.Batch(1, wire.BufferPool()).add(0, 0.0, {"a": a}, True)
+    before = s.state()
+    with s.lock:  # the flusher holds the lock: the Python path waits for it
+        assert s.fast_publish({"a": a}) is False
+    s.task_id = None  # no task running
+    assert s.fast_publish({"a": a}) is False
+    s.task_id, s.error = 7, RuntimeError("flusher died")  # the Python path raises it
+    assert s.fast_publish({"a": a}) is False
+    s.error, s.next_abort_poll = None, 0.0  # an abort poll is due (Python reads aborts)
+    assert s.fast_publish({"a": a}) is False
+    s.next_abort_poll, s.ready_slab = math.inf, None  # no slab to open a batch with
+    assert s.fast_publish({"a": a}) is False
+    assert s.state() == (before[0], before[1], None, *before[3:])
+    assert s.fast_publish({"i": 1}) is True  # no array: no slab needed
+
+
+@needs_c
+def test_c_and_python_publications_share_one_batch_and_slab():
+    assert sender.configure_fastpub()
+    s, ref = _Sender(), packing.Batch(7, wire.BufferPool())
+    # four arrays fill a slab (with their padding) but not a batch (BATCH_BYTES)
+    quarter = np.arange(packing.SLAB_ITEM_MAX // 8 - 1, dtype=np.float64)
+    for k in range(6):
+        ref.add(k, 0.0, {"a": quarter + k}, True)
+        if s.fast_publish({"a": quarter + k}) is False:
+            assert k == 4  # the slab is full: Python starts the next one
+            s.python_add({"a": quarter + k})
+    b = s.sealed[0]  # sealed by the sixth: past BATCH_BYTES
+    assert s.batch is None and b._slab_index == 1 and len(b._bufs) == 2
+    _assert_same(b, ref)
+
+
+@needs_c
+def test_the_c_path_seals_full_batches_and_wakes_only_an_idle_flusher():
+    assert sender.configure_fastpub()
+    s = _Sender()
+    s.wakes_at = math.inf  # idle, no timeout: the first publication of a batch wakes it
+    assert s.fast_publish({"i": 0}) is True
+    assert s.wake.acquire(blocking=False) and s.wakes_at == -math.inf
+    s.wakes_at = time.time() + 60  # asleep until a step far off: woken too
+    s.batch = None
+    assert s.fast_publish({"i": 0}) is True
+    assert s.wake.acquire(blocking=False)
+    s.batch = None
+    s.wakes_at = time.time() + sender.WAKE_SLACK_S / 10  # it looks by itself very soon
+    assert s.fast_publish({"i": 0}) is True
+    assert not s.wake.acquire(blocking=False)
+    s.batch = None
+    for i in range(sender.BATCH_PUBS):
+        assert s.fast_publish({"i": i}) is True
+    assert s.batch is None and len(s.sealed) == 1 and len(s.sealed[0].pubs) == sender.BATCH_PUBS
+    for i in range(sender.BATCH_PUBS):  # a second sealed batch: the caller posts both
+        s.fast_publish({"i": i})
+    assert s.posted == 2 and s.sealed == []
+
+
+@pytest.mark.parametrize("pure", ["0", "1"])
+def test_engines_publish_the_same_with_and_without_the_c_path(mpi_script, pure):
+    job = mpi_script("""
+        import numpy as np
+        from mpipub import Client
+        c = Client(history_bytes=1 << 30)
+        def mixed(steps):
+            import time
+            import numpy as np
+            from mpipub import engine, publish_data
+            a = np.zeros(1000)
+            m = np.zeros((3, 4), np.int16)
+            fast_seen = False
+            for i in range(steps):
+                a[:] = i
+                m[:] = i
+                d = {"a": a, "m": m, "i": i}
+                if i % 7 == 3:
+                    d["lst"] = [i]  # pickled: the Python path takes this one
+                if i % 11 == 5:
+                    d["big"] = np.full(40_000, i)  # its own buffer: Python path
+                publish_data(d)
+                a[:] = -1  # changed right after the call returns
+                m[:] = -1
+                fast_seen |= engine.fast_publish is not None
+                if i % 50 == 49:
+                    time.sleep(0.01)  # the flusher goes idle, then expects the next step
+            return fast_seen
+        steps = 300
+        ar = c[:].apply_async(mixed, steps)
+        seen = {}
+        for p in ar.stream(timeout=60):
+            i = p.data["i"]
+            assert p.step == i, (p.engine, p.step, i)
+            assert (p.data["a"] == i).all() and (p.data["m"] == i).all(), (p.engine, i)
+            assert p.data["m"].shape == (3, 4) and p.data["m"].dtype == np.int16
+            assert ("lst" in p.data) == (i % 7 == 3) and ("big" in p.data) == (i % 11 == 5)
+            if "big" in p.data:
+                assert (p.data["big"] == i).all()
+            seen.setdefault(p.engine, []).append(i)
+        fast = ar.get(timeout=60)
+        assert seen == {1: list(range(steps)), 2: list(range(steps))}, seen
+        assert ar.data[0]["i"] == steps - 1 and ar.data[0]["lst"] == [297]
+        print("FAST", fast)
+    """, nranks=3, timeout=120, env={"MPIPUB_PURE_PYTHON": pure})
+    ok(job, "FAST")
+    used = job.stdout.split("FAST ")[1].splitlines()[0]
+    if pure == "1":
+        assert used == "[False, False]", job.stdout
+    elif fastpub is not None:
+        assert used == "[True, True]", job.stdout
