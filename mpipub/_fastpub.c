@@ -6,11 +6,14 @@
  * the publication's metadata exactly as packing.Batch.add would.
  *
  * It only handles what is plain: a dict with str keys whose values are int, float, bool,
- * complex, str, bytes or None, or numpy arrays (exact ndarray, a dtype packing has found
- * plain, C-contiguous, at most SLAB_ITEM_MAX bytes) that fit in the slab. For anything else
- * (and when the lock is taken, an abort poll is due, the sender failed, or no slab is ready)
- * it changes nothing and returns False: the Python path (sender.Sender.publish) then does
- * the call, and it stays the reference for what a publication is.
+ * complex, str, bytes or None, or numpy arrays (exact ndarray, C-contiguous, of a dtype
+ * packing.py has found plain). Arrays go where Batch._place puts them: up to SLAB_ITEM_MAX
+ * bytes into the slab (the batch's first slab is one the flusher keeps ready), larger ones
+ * into a buffer of their own from the pool; zero-copy sends stay with Python. For anything
+ * else (and when the lock is taken, an abort poll is due, the sender failed, or a new slab
+ * would be needed) it changes nothing and returns False: the Python path
+ * (sender.Sender.publish) then does the call, and it stays the reference for what a
+ * publication is.
  *
  * The two base types hold the state both paths share, as C fields that Python sees as
  * attributes: BatchBase (packing.Batch) and SenderBase (sender.Sender).
@@ -26,8 +29,9 @@
 /* set by configure(): constants and objects owned by the Python modules */
 static PyObject *ndarray_type;  /* numpy.ndarray */
 static PyObject *plain_dtypes;  /* packing._plain_dtypes: dtype -> str ("" when pickled) */
-static PyObject *str_dtype, *str_shape, *str_post_sealed;
+static PyObject *str_dtype, *str_shape, *str_post_sealed, *str_take;
 static Py_ssize_t slab_item_max = -1, slab_bytes, align = 64, batch_bytes, batch_pubs;
+static Py_ssize_t zero_copy_min;
 static double max_age_s, wake_slack_s;
 static long code_value, code_array;
 
@@ -152,30 +156,37 @@ static double now_s(void) {
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+enum { VALUE_ITEM, SLAB_ITEM, OWN_ITEM };  /* how Batch._place places a value */
+
 typedef struct {
     PyObject *key, *value;  /* borrowed from the dict */
     PyObject *dts;          /* borrowed (arrays) */
+    PyObject *raw;          /* OWN_ITEM: the pooled buffer it is copied into (owned) */
     Py_buffer view;         /* held (arrays) */
-    int is_array;
+    int kind;
 } Item;
 
 static void release_items(Item *items, int n) {
-    for (int i = 0; i < n; i++)
-        if (items[i].is_array) PyBuffer_Release(&items[i].view);
+    for (int i = 0; i < n; i++) {
+        if (items[i].kind != VALUE_ITEM) PyBuffer_Release(&items[i].view);
+        Py_CLEAR(items[i].raw);
+    }
 }
 
-/* Pass 1: is every item plain? Fills items (holding array views); returns the count, or -1
- * when the Python path must take the call (nothing held then), or -2 on an error. */
-static int scan(PyObject *data, Item *items, Py_ssize_t *slab_need) {
+/* Pass 1, before the lock: is every item plain? Fills items (holding array views); returns
+ * the count, or -1 when the Python path must take the call (nothing held then). */
+static int scan(PyObject *data, int copy, Item *items, int *slab_items) {
     PyObject *k, *v;
-    Py_ssize_t pos = 0, off = 0;
+    Py_ssize_t pos = 0;
     int n = 0;
+    *slab_items = 0;
     while (PyDict_Next(data, &pos, &k, &v)) {
         if (n == MAX_ITEMS || !PyUnicode_CheckExact(k)) goto bail;
         Item *it = &items[n];
         it->key = k;
         it->value = v;
-        it->is_array = 0;
+        it->raw = NULL;
+        it->kind = VALUE_ITEM;
         PyTypeObject *tv = Py_TYPE(v);
         if (tv == &PyLong_Type || tv == &PyFloat_Type || tv == &PyBool_Type ||
             tv == &PyUnicode_Type || tv == &PyBytes_Type || v == Py_None ||
@@ -194,29 +205,30 @@ static int scan(PyObject *data, Item *items, Py_ssize_t *slab_need) {
             PyErr_Clear();
             goto bail;
         }
-        if (it->view.len > slab_item_max || it->view.len == 0) {
-            PyBuffer_Release(&it->view);
+        Py_ssize_t len = it->view.len;
+        if (len == 0 || (len > slab_item_max && !copy && len >= zero_copy_min)) {
+            PyBuffer_Release(&it->view);  /* (zero-copy sends are Python's) */
             goto bail;
         }
-        it->is_array = 1;
+        it->kind = len <= slab_item_max ? SLAB_ITEM : OWN_ITEM;
+        *slab_items += it->kind == SLAB_ITEM;
         it->dts = dts;
-        off += it->view.len + ((align - it->view.len % align) % align);
         n++;
     }
-    *slab_need = off;
     return n;
 bail:
     release_items(items, n);
     return -1;
 }
 
-/* Would the arrays fit in a slab from offset `off`, placed as Batch._place places them? */
+static Py_ssize_t padded(Py_ssize_t len) { return len + ((align - len % align) % align); }
+
+/* Would the slab items fit in a slab from offset `off`, placed as Batch._place places them? */
 static int fits(Item *items, int n, Py_ssize_t off) {
     for (int i = 0; i < n; i++) {
-        if (!items[i].is_array) continue;
-        Py_ssize_t len = items[i].view.len;
-        if (off + len > slab_bytes) return 0;
-        off += len + ((align - len % align) % align);
+        if (items[i].kind != SLAB_ITEM) continue;
+        if (off + items[i].view.len > slab_bytes) return 0;
+        off += padded(items[i].view.len);
     }
     return 1;
 }
@@ -236,30 +248,44 @@ static int lock_release(SenderBase *self) {
     return 0;
 }
 
-/* Give the open batch the ready slab (its first buffer). */
-static int batch_take_slab(BatchBase *b, PyObject *slab) {
-    PyObject *mv = PyMemoryView_FromObject(slab);
-    if (mv == NULL) return -1;
-    if (PyList_Append(b->recycle, slab) < 0 || PyList_Append(b->bufs, slab) < 0) {
-        Py_DECREF(mv);
-        return -1;
-    }
-    Py_INCREF(slab);
-    Py_XSETREF(b->slab, slab);
-    Py_XSETREF(b->slab_mv, mv);
-    b->slab_index = PyList_GET_SIZE(b->bufs) - 1;
-    b->slab_off = 0;
+/* A buffer joins the batch: sent with it, back to the pool once the send completes. */
+static int batch_keep(BatchBase *b, PyObject *buf) {
+    if (PyList_Append(b->recycle, buf) < 0 || PyList_Append(b->bufs, buf) < 0) return -1;
     return 0;
 }
 
-/* Pass 2, under the lock: copy and append. Returns 1 done, 0 not taken, -1 error. */
-static int add(SenderBase *self, Item *items, int n, Py_ssize_t slab_need, double t) {
+/* Copy v's bytes into buf at off. */
+static int copy_into(PyObject *buf, Py_ssize_t off, Py_buffer *v) {
+    Py_buffer dst;
+    if (PyObject_GetBuffer(buf, &dst, PyBUF_WRITABLE) < 0) return -1;
+    memcpy((char *)dst.buf + off, v->buf, v->len);
+    PyBuffer_Release(&dst);
+    return 0;
+}
+
+/* Pass 2, under the lock: copy and append. Returns 1 done, 2 done and the flusher must be
+ * woken, 0 not taken (nothing changed), -1 error. */
+static int add(SenderBase *self, Item *items, int n, int slab_items, double t) {
     BatchBase *b = (BatchBase *)self->batch;
-    int new_batch = 0;
-    if ((PyObject *)b == Py_None || b == NULL) {
-        if (slab_need > 0 && (self->ready_slab == NULL || self->ready_slab == Py_None ||
-                              !fits(items, n, 0)))
-            return 0;
+    int new_batch = b == NULL || (PyObject *)b == Py_None;
+    int have_ready = self->ready_slab != NULL && self->ready_slab != Py_None;
+    if (!new_batch && !PyObject_TypeCheck((PyObject *)b, &BatchBase_Type)) return 0;
+    if (slab_items) {
+        if (new_batch || b->slab == NULL || b->slab == Py_None) {
+            if (!have_ready || !fits(items, n, 0)) return 0;
+        } else if (!fits(items, n, b->slab_off)) {
+            return 0;  /* Python starts a new slab */
+        }
+    }
+    for (int i = 0; i < n; i++) {  /* arrays too big for a slab get a pooled buffer each */
+        if (items[i].kind != OWN_ITEM) continue;
+        PyObject *len = PyLong_FromSsize_t(items[i].view.len);
+        if (len == NULL) return -1;
+        items[i].raw = PyObject_CallMethodOneArg(self->pool, str_take, len);
+        Py_DECREF(len);
+        if (items[i].raw == NULL) return -1;
+    }
+    if (new_batch) {
         b = (BatchBase *)PyObject_CallFunctionObjArgs(self->batch_type, self->task_id,
                                                        self->pool, NULL);
         if (b == NULL) return -1;
@@ -268,64 +294,65 @@ static int add(SenderBase *self, Item *items, int n, Py_ssize_t slab_need, doubl
             PyErr_SetString(PyExc_TypeError, "Sender.batch_type is not a BatchBase");
             return -1;
         }
-        if (slab_need > 0) {
-            if (batch_take_slab(b, self->ready_slab) < 0) { Py_DECREF(b); return -1; }
-            Py_CLEAR(self->ready_slab);
-            Py_INCREF(Py_None);
-            self->ready_slab = Py_None;
-        }
-        new_batch = 1;
     } else {
-        if (!PyObject_TypeCheck((PyObject *)b, &BatchBase_Type)) return 0;
-        if (slab_need > 0 && (b->slab == NULL || b->slab == Py_None || !fits(items, n, b->slab_off)))
-            return 0;  /* Python starts a new slab */
         Py_INCREF(b);
     }
-    /* from here on the publication is added: nothing below returns 0 */
-    char *base = NULL;
-    Py_buffer sv;
-    int have_sv = 0;
-    if (slab_need > 0) {
-        if (PyObject_GetBuffer(b->slab, &sv, PyBUF_WRITABLE) < 0) goto error;
-        have_sv = 1;
-        base = (char *)sv.buf;
-    }
+    /* in dict order, as Batch.add: the same buffer indices and offsets */
     PyObject *entries = PyList_New(n);
     if (entries == NULL) goto error;
-    Py_ssize_t off = b->slab_off, nbytes = 0;
+    Py_ssize_t nbytes = 0;
     for (int i = 0; i < n; i++) {
         Item *it = &items[i];
         PyObject *e;
-        if (!it->is_array) {
+        if (it->kind == VALUE_ITEM) {
             e = Py_BuildValue("(OlO)", it->key, code_value, it->value);
             nbytes += 8;
         } else {
-            Py_ssize_t len = it->view.len, count = 1;
+            Py_ssize_t len = it->view.len, count = 1, bi, off;
             for (int d = 0; d < it->view.ndim; d++) count *= it->view.shape[d];
-            memcpy(base + off, it->view.buf, len);
+            if (it->kind == SLAB_ITEM) {
+                if (b->slab == NULL || b->slab == Py_None) {  /* its first slab: the ready one */
+                    PyObject *mv = PyMemoryView_FromObject(self->ready_slab);
+                    if (mv == NULL || batch_keep(b, self->ready_slab) < 0) {
+                        Py_XDECREF(mv);
+                        goto error_entries;
+                    }
+                    Py_XSETREF(b->slab, self->ready_slab);  /* (takes the sender's reference) */
+                    self->ready_slab = Py_None;
+                    Py_INCREF(Py_None);
+                    Py_XSETREF(b->slab_mv, mv);
+                    b->slab_index = PyList_GET_SIZE(b->bufs) - 1;
+                    b->slab_off = 0;
+                }
+                bi = b->slab_index;
+                off = b->slab_off;
+                if (copy_into(b->slab, off, &it->view) < 0) goto error_entries;
+                b->slab_off = off + padded(len);
+            } else {
+                if (copy_into(it->raw, 0, &it->view) < 0 || batch_keep(b, it->raw) < 0)
+                    goto error_entries;
+                Py_CLEAR(it->raw);
+                bi = PyList_GET_SIZE(b->bufs) - 1;
+                off = 0;
+            }
             PyObject *shape = PyObject_GetAttr(it->value, str_shape);
-            if (shape == NULL) { Py_DECREF(entries); goto error; }
-            e = Py_BuildValue("(OlONnnn)", it->key, code_array, it->dts, shape, count,
-                              b->slab_index, off);
-            off += len + ((align - len % align) % align);
+            if (shape == NULL) goto error_entries;
+            e = Py_BuildValue("(OlONnnn)", it->key, code_array, it->dts, shape, count, bi, off);
             nbytes += len;
         }
-        if (e == NULL) { Py_DECREF(entries); goto error; }
+        if (e == NULL) goto error_entries;
         PyList_SET_ITEM(entries, i, e);
     }
     PyObject *pub = Py_BuildValue("(ndnN)", self->step, t, nbytes, entries);
     if (pub == NULL || PyList_Append(b->pubs, pub) < 0) { Py_XDECREF(pub); goto error; }
     Py_DECREF(pub);
-    if (have_sv) PyBuffer_Release(&sv);
     if (PyList_GET_SIZE(b->pubs) == 1) b->first_t = t;
-    b->slab_off = off;
     b->nbytes += nbytes;
     self->step += 1;
     self->last_add = t;
     if (new_batch) Py_XSETREF(self->batch, (PyObject *)b);
     else Py_DECREF(b);
 
-    int wake = 0;
     if (b->nbytes >= batch_bytes || PyList_GET_SIZE(b->pubs) >= batch_pubs ||
         t - b->first_t >= max_age_s) {
         if (PyList_Append(self->sealed, (PyObject *)b) < 0) return -1;
@@ -337,34 +364,35 @@ static int add(SenderBase *self, Item *items, int n, Py_ssize_t slab_need, doubl
             if (r == NULL) return -1;
             Py_DECREF(r);
         }
-        wake = self->wakes_at - t > wake_slack_s;  /* it posts the sealed batch */
-    } else {
-        wake = PyList_GET_SIZE(b->pubs) == 1 && self->wakes_at - t > wake_slack_s;
+        return self->wakes_at - t > wake_slack_s ? 2 : 1;  /* it posts the sealed batch */
     }
-    return wake ? 2 : 1;
+    /* the first publication of a batch starts the flusher's linger clock */
+    return PyList_GET_SIZE(b->pubs) == 1 && self->wakes_at - t > wake_slack_s ? 2 : 1;
+error_entries:
+    Py_DECREF(entries);
 error:
-    if (have_sv) PyBuffer_Release(&sv);
-    if (new_batch) {
-        /* an empty batch that was never open: its slab goes back to being the ready one */
-        if (b->slab != NULL && b->slab != Py_None) {
-            Py_INCREF(b->slab);
-            Py_XSETREF(self->ready_slab, b->slab);
-        }
-    }
+    /* (what the batch took is sent with it, unused; a new batch is dropped) */
     Py_DECREF(b);
     return -1;
 }
 
-static PyObject *sender_fast_publish(SenderBase *self, PyObject *data) {
+static PyObject *sender_fast_publish(SenderBase *self, PyObject *const *args,
+                                     Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "fast_publish(data, copy=True)");
+        return NULL;
+    }
+    PyObject *data = args[0];
+    int copy = nargs < 2 || PyObject_IsTrue(args[1]);
+    if (copy < 0) return NULL;
     if (!PyDict_CheckExact(data) || (self->error != NULL && self->error != Py_None) ||
-        self->task_id == NULL || self->task_id == Py_None ||
-        slab_item_max < 0)
+        self->task_id == NULL || self->task_id == Py_None || slab_item_max < 0)
         Py_RETURN_FALSE;
     double t = now_s();
     if (t >= self->next_abort_poll) Py_RETURN_FALSE;
     Item items[MAX_ITEMS];
-    Py_ssize_t slab_need = 0;
-    int n = scan(data, items, &slab_need);
+    int slab_items = 0;
+    int n = scan(data, copy, items, &slab_items);
     if (n < 0) Py_RETURN_FALSE;
     int got = lock_try(self);
     if (got <= 0) {
@@ -372,7 +400,7 @@ static PyObject *sender_fast_publish(SenderBase *self, PyObject *data) {
         if (got < 0) return NULL;
         Py_RETURN_FALSE;  /* the flusher holds it: the Python path waits for it */
     }
-    int r = add(self, items, n, slab_need, t);
+    int r = add(self, items, n, slab_items, t);
     release_items(items, n);
     PyObject *exc_type = NULL, *exc_value = NULL, *exc_tb = NULL;
     if (r < 0) PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
@@ -399,8 +427,9 @@ static PyObject *sender_fast_publish(SenderBase *self, PyObject *data) {
 }
 
 static PyMethodDef sender_methods[] = {
-    {"fast_publish", (PyCFunction)sender_fast_publish, METH_O,
-     "fast_publish(data) -> bool: publish ``data`` if it is plain (see the module's doc); "
+    {"fast_publish", (PyCFunction)(void (*)(void))sender_fast_publish, METH_FASTCALL,
+     "fast_publish(data, copy=True) -> bool: publish ``data`` if it is plain (see the "
+     "module's doc); "
      "False, with nothing changed, when the Python path must take it."},
     {NULL}};
 
@@ -438,13 +467,13 @@ static PyTypeObject SenderBase_Type = {
 /* ---------------------------------------------------------------- module */
 static PyObject *configure(PyObject *mod, PyObject *args, PyObject *kw) {
     static char *names[] = {"ndarray", "plain_dtypes", "slab_item_max", "slab_bytes", "align",
-                            "batch_bytes", "batch_pubs", "max_age_s", "wake_slack_s",
-                            "value_code", "array_code", NULL};
+                            "zero_copy_min", "batch_bytes", "batch_pubs", "max_age_s",
+                            "wake_slack_s", "value_code", "array_code", NULL};
     PyObject *nd, *pd;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!nnnnnddll", names, &PyType_Type, &nd,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!nnnnnnddll", names, &PyType_Type, &nd,
                                      &PyDict_Type, &pd, &slab_item_max, &slab_bytes, &align,
-                                     &batch_bytes, &batch_pubs, &max_age_s, &wake_slack_s,
-                                     &code_value, &code_array))
+                                     &zero_copy_min, &batch_bytes, &batch_pubs, &max_age_s,
+                                     &wake_slack_s, &code_value, &code_array))
         return NULL;
     Py_INCREF(nd); Py_XSETREF(ndarray_type, nd);
     Py_INCREF(pd); Py_XSETREF(plain_dtypes, pd);
@@ -465,7 +494,8 @@ PyMODINIT_FUNC PyInit__fastpub(void) {
     str_dtype = PyUnicode_InternFromString("dtype");
     str_shape = PyUnicode_InternFromString("shape");
     str_post_sealed = PyUnicode_InternFromString("_post_sealed");
-    if (!str_dtype || !str_shape || !str_post_sealed) return NULL;
+    str_take = PyUnicode_InternFromString("take");
+    if (!str_dtype || !str_shape || !str_post_sealed || !str_take) return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL) return NULL;
     Py_INCREF(&BatchBase_Type);

@@ -63,7 +63,7 @@ def publish_data(data: Mapping[str, Any], *, copy: bool = True) -> None:
     wrong if the promise is broken); smaller ones are copied anyway, which measured faster.
     """
     fast = _engine.fast_publish  # C, for plain data (arrays, numbers, str); else False
-    if fast is not None and fast(data):
+    if fast is not None and fast(data, copy):
         return
     eng = _engine._current
     if eng is None or eng.task_id is None:

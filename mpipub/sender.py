@@ -63,9 +63,9 @@ def configure_fastpub() -> bool:
         fastpub.configure(
             ndarray=sys.modules["numpy"].ndarray, plain_dtypes=packing._plain_dtypes,
             slab_item_max=packing.SLAB_ITEM_MAX, slab_bytes=packing.SLAB_BYTES,
-            align=packing.ALIGN, batch_bytes=BATCH_BYTES, batch_pubs=BATCH_PUBS,
-            max_age_s=MAX_AGE_S, wake_slack_s=WAKE_SLACK_S, value_code=packing.VALUE,
-            array_code=packing.ARRAY)
+            align=packing.ALIGN, zero_copy_min=packing.ZERO_COPY_MIN, batch_bytes=BATCH_BYTES,
+            batch_pubs=BATCH_PUBS, max_age_s=MAX_AGE_S, wake_slack_s=WAKE_SLACK_S,
+            value_code=packing.VALUE, array_code=packing.ARRAY)
         _fastpub_configured = True
     return _fastpub_configured
 

@@ -85,7 +85,8 @@ def _assert_same(fast, ref):
 
 
 PLAIN = [
-    {"a": np.arange(20.0), "i": 0},
+    # an array too big for a slab gets its own buffer, in dict order (buffer indices match)
+    {"own": np.arange(packing.SLAB_ITEM_MAX // 8 + 1.0), "a": np.arange(20.0), "i": 0},
     {"x": np.arange(12, dtype=np.int8).reshape(3, 4), "s": "text", "b": b"\x00\x01",
      "n": None, "flag": True, "c": 1 + 2j, "f": 0.5},
     {"f32": np.ones((2, 3, 4), np.float32), "u2": np.arange(5, dtype=np.uint16)},
@@ -93,6 +94,7 @@ PLAIN = [
     {"zero_d": np.array(3.5)},
     {},
     {"full": np.ones(packing.SLAB_ITEM_MAX // 8)},  # the largest array a slab takes
+    {"MiB": np.arange(1 << 17, dtype=np.int64), "after": np.ones(2)},
 ]
 
 
@@ -104,11 +106,11 @@ def test_plain_publications_are_packed_exactly_as_the_python_path_packs_them():
     for step, data in enumerate(PLAIN):
         ref.add(step, time.time(), data, True)  # (also caches each dtype as plain)
         assert s.fast_publish(data) is True, data
-    assert s.step == len(PLAIN) and s.ready_slab is None and s.batch.task_id == 7
-    _assert_same(s.batch, ref)
+    b, = s.sealed  # the last one filled it (BATCH_BYTES)
+    assert s.batch is None and s.step == len(PLAIN) and s.ready_slab is None and b.task_id == 7
+    _assert_same(b, ref)
     # what goes on the wire is the same too
-    assert [bytes(b) for b in s.batch.buffers()][0][:100] == \
-        [bytes(b) for b in ref.buffers()][0][:100]
+    assert [bytes(x) for x in b.buffers()] == [bytes(x) for x in ref.buffers()]
 
 
 NOT_PLAIN = {
@@ -120,7 +122,6 @@ NOT_PLAIN = {
     "a numpy scalar": {"a": np.float64(1.0)},
     "a key that is not str": {1: 2},
     "an ndarray subclass": {"a": np.arange(3.0).view(_Sub)},
-    "too big for a slab": {"a": np.ones(packing.SLAB_ITEM_MAX // 8 + 1)},
     "an empty array": {"a": np.zeros(0)},
     "not a dict": OrderedDict(a=np.ones(3)),
     "too many keys": {f"k{i}": i for i in range(40)},
@@ -161,10 +162,21 @@ def test_the_c_path_steps_aside_when_it_must():
     assert s.fast_publish({"a": a}) is False
     s.error, s.next_abort_poll = None, 0.0  # an abort poll is due (Python reads aborts)
     assert s.fast_publish({"a": a}) is False
-    s.next_abort_poll, s.ready_slab = math.inf, None  # no slab to open a batch with
+    s.next_abort_poll = math.inf  # copy=False from ZERO_COPY_MIN: sent from the array itself
+    big = np.ones(packing.ZERO_COPY_MIN // 8)
+    assert s.fast_publish({"big": big}, False) is False
+    s.ready_slab = None  # no slab to open a batch with
     assert s.fast_publish({"a": a}) is False
     assert s.state() == (before[0], before[1], None, *before[3:])
     assert s.fast_publish({"i": 1}) is True  # no array: no slab needed
+    assert s.fast_publish({"big": big}) is True  # copied into a buffer of its own
+    half = big[:len(big) // 2]
+    assert s.fast_publish({"half": half}, False) is True  # copied, below ZERO_COPY_MIN
+    assert s.posted == 2  # (each filled a batch)
+    s.sealed = []
+    b = packing.Batch(7, s.pool)
+    b.add(0, 0.0, {"half": half}, False)
+    assert not np.shares_memory(b._bufs[0], half)  # as the Python path does
 
 
 @needs_c
