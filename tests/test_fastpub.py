@@ -25,6 +25,19 @@ class _Sub(np.ndarray):
     pass
 
 
+@pytest.fixture
+def configured(monkeypatch):
+    """_fastpub configured as an engine configures it, but batches never seal by age (the
+    tests compare whole batches; a slow moment must not split one)."""
+    monkeypatch.setattr(sender, "MAX_AGE_S", math.inf)
+    monkeypatch.setattr(sender, "_fastpub_configured", False)
+    assert sender.configure_fastpub()
+    yield
+    monkeypatch.undo()
+    sender._fastpub_configured = False
+    sender.configure_fastpub()
+
+
 class _Sender(fastpub.SenderBase if fastpub is not None else object):  # type: ignore[misc]
     """A sender with the C path's fields and no flusher or MPI: the test plays the flusher."""
 
@@ -99,8 +112,7 @@ PLAIN = [
 
 
 @needs_c
-def test_plain_publications_are_packed_exactly_as_the_python_path_packs_them():
-    assert sender.configure_fastpub()
+def test_plain_publications_are_packed_exactly_as_the_python_path_packs_them(configured):
     s, ref_pool = _Sender(), wire.BufferPool()
     ref = packing.Batch(7, ref_pool)
     for step, data in enumerate(PLAIN):
@@ -130,8 +142,7 @@ NOT_PLAIN = {
 
 @needs_c
 @pytest.mark.parametrize("what", list(NOT_PLAIN))
-def test_what_the_c_path_does_not_handle_is_left_to_python_untouched(what):
-    assert sender.configure_fastpub()
+def test_what_the_c_path_does_not_handle_is_left_to_python_untouched(configured, what):
     s = _Sender()
     for data in NOT_PLAIN.values():  # every dtype seen once (the dtype cache is Python's)
         b = packing.Batch(1, wire.BufferPool())
@@ -148,8 +159,7 @@ def test_what_the_c_path_does_not_handle_is_left_to_python_untouched(what):
 
 
 @needs_c
-def test_the_c_path_steps_aside_when_it_must():
-    assert sender.configure_fastpub()
+def test_the_c_path_steps_aside_when_it_must(configured):
     s = _Sender()
     a = np.ones(100)
     packing.Batch(1, wire.BufferPool()).add(0, 0.0, {"a": a}, True)
@@ -180,8 +190,7 @@ def test_the_c_path_steps_aside_when_it_must():
 
 
 @needs_c
-def test_c_and_python_publications_share_one_batch_and_slab():
-    assert sender.configure_fastpub()
+def test_c_and_python_publications_share_one_batch_and_slab(configured):
     s, ref = _Sender(), packing.Batch(7, wire.BufferPool())
     # four arrays fill a slab (with their padding) but not a batch (BATCH_BYTES)
     quarter = np.arange(packing.SLAB_ITEM_MAX // 8 - 1, dtype=np.float64)
@@ -196,8 +205,7 @@ def test_c_and_python_publications_share_one_batch_and_slab():
 
 
 @needs_c
-def test_the_c_path_seals_full_batches_and_wakes_only_an_idle_flusher():
-    assert sender.configure_fastpub()
+def test_the_c_path_seals_full_batches_and_wakes_only_an_idle_flusher(configured):
     s = _Sender()
     s.wakes_at = math.inf  # idle, no timeout: the first publication of a batch wakes it
     assert s.fast_publish({"i": 0}) is True
