@@ -69,14 +69,25 @@ def _env() -> dict:
     return env
 
 
-def run_cmd(cmd: list, timeout: float, cwd=None) -> tuple[int, float, str]:
+def run_cmd(cmd: list, timeout: float, cwd=None, gate: Path | None = None,
+            on_ready=None) -> tuple[int, float, str]:
     """Run ``cmd`` in its own process group; kill the whole group on timeout.
-    Returns (returncode, seconds, output tail)."""
+    Returns (returncode, seconds, output tail). With ``gate``: once the command has created
+    ``gate.ready``, call ``on_ready()`` and create ``gate.go`` (see tasks.wait_at_gate)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=_env(), cwd=cwd, start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        if gate is not None:
+            ready, go = gate.with_suffix(".ready"), gate.with_suffix(".go")
+            while not ready.exists() and proc.poll() is None:
+                if time.perf_counter() - t0 > timeout:
+                    raise subprocess.TimeoutExpired(cmd, timeout)
+                time.sleep(0.001)
+            if proc.poll() is None:
+                on_ready()
+                go.touch()
+        out, _ = proc.communicate(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
         rc = proc.returncode
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -91,11 +102,19 @@ def run_cmd(cmd: list, timeout: float, cwd=None) -> tuple[int, float, str]:
     return rc, time.perf_counter() - t0, (out or "")[-3000:]
 
 
-def run_worker(nranks: int, module: str, params: dict, tmp: Path, timeout: float) -> dict:
-    out = tmp / f"{module}-{nranks}-{time.monotonic_ns()}.json"
+def run_worker(nranks: int, module: str, params: dict, tmp: Path, timeout: float,
+               on_ready=None) -> dict:
+    """Run a worker job; with ``on_ready``, the worker stops right before its timed part
+    until ``on_ready()`` has run (tasks.wait_at_gate)."""
+    ns = time.monotonic_ns()
+    out = tmp / f"{module}-{nranks}-{ns}.json"
+    gate = None
+    if on_ready is not None:
+        gate = tmp / f"gate-{ns}"
+        params = {**params, "gate": str(gate)}
     cmd = [MPIEXEC, "-n", str(nranks), PY, "-m", f"mpipub.bench.{module}", json.dumps(params),
            str(out)]
-    rc, dt, tail = run_cmd(cmd, timeout)
+    rc, dt, tail = run_cmd(cmd, timeout, gate=gate, on_ready=on_ready)
     if rc != 0 or not out.exists():
         raise RuntimeError(f"{module} with {nranks} ranks failed (status {rc}, {dt:.1f} s):\n"
                            f"{tail}")
@@ -230,27 +249,34 @@ def g_sink(cfg, tmp, rows, raw):
         base, pub, alone, rawmpi = [], [], [], []
         steps = (total // 4) * 4
         for rep in range(cfg["sink_repeats"]):
-            # each measurement starts with no dirty pages from the previous one (writeback
-            # throttling otherwise lands on whichever writes second), and the order alternates
+            # Each measurement starts right after the previous one's file is deleted and its
+            # dirty pages written (writeback throttling otherwise lands on whichever writes
+            # second); the order alternates. "Right after" matters on this VM: freed memory
+            # is handed back to the host within ~2 s (free page reporting) and touching it
+            # again is slow: plain h5py fell from 2.3-2.7 to 0.5-0.65 GB/s when it started
+            # 3 s after the delete. So the MPI jobs wait, started, until the delete is done.
             order = ("sink", "h5py", "alone", "raw")
             for which in (order if rep % 2 == 0 else order[::-1]):
-                for f in tmp.glob("*.h5"):
-                    f.unlink()
-                os.sync()
+                path = tmp / f"{which}-{rep}.h5"
+
+                def delete_previous(keep=path):
+                    for f in tmp.glob("*.h5"):
+                        if f != keep:
+                            f.unlink()
+                    os.sync()
+
                 if which == "h5py":
-                    base.append(h5py_baseline(str(tmp / "plain.h5"), nbytes, steps))
+                    delete_previous()
+                    base.append(h5py_baseline(str(path), nbytes, steps))
                 elif which == "alone":
-                    alone.append(writer_alone(str(tmp / "alone.h5"), nbytes, steps))
-                elif which == "raw":
-                    res = run_worker(5, "w_sink", {"path": str(tmp / "raw.h5"), "raw": True,
-                                                   "nbytes": nbytes, "total": total}, tmp, 300)
-                    assert res["steps"] == steps, (res["steps"], steps)
-                    rawmpi.append(res["bytes"] / res["seconds"])
+                    delete_previous()
+                    alone.append(writer_alone(str(path), nbytes, steps))
                 else:
-                    res = run_worker(5, "w_sink", {"path": str(tmp / "sink.h5"),
-                                                   "nbytes": nbytes, "total": total}, tmp, 300)
+                    res = run_worker(5, "w_sink", {"path": str(path), "raw": which == "raw",
+                                                   "nbytes": nbytes, "total": total}, tmp, 300,
+                                     on_ready=delete_previous)
                     assert res["steps"] == steps, (res["steps"], steps)
-                    pub.append(res["bytes"] / res["seconds"])
+                    (rawmpi if which == "raw" else pub).append(res["bytes"] / res["seconds"])
         raw.append({"group": "sink", "nbytes": nbytes, "h5py": base, "mpipub": pub,
                     "writer_alone": alone, "raw_mpi_h5py": rawmpi})
         ratio = med(pub) / med(base)

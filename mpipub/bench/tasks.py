@@ -7,6 +7,7 @@ own communicator), so baseline and mpipub run in the same job, with the same dis
 from __future__ import annotations
 
 import collections
+import os
 import random
 import time
 
@@ -32,6 +33,20 @@ def array(nbytes: int) -> np.ndarray:
         a = np.arange(max(1, nbytes // 8), dtype=np.float64)
         _arrays[nbytes] = a
     return a
+
+
+def wait_at_gate(params: dict) -> None:
+    """Rank 0 of a worker job, right before its timed part: when the bench driver passed a
+    gate, say we are ready and wait until it says go (bench/__main__.run_cmd)."""
+    gate = params.get("gate")
+    if not gate:
+        return
+    open(gate + ".ready", "w").close()
+    t0 = time.monotonic()
+    while not os.path.exists(gate + ".go"):
+        if time.monotonic() - t0 > 120:
+            raise RuntimeError("the bench driver never opened the gate")
+        time.sleep(0.001)
 
 
 def window(nbytes: int) -> int:
