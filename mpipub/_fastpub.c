@@ -159,8 +159,9 @@ static double now_s(void) {
 enum { VALUE_ITEM, SLAB_ITEM, OWN_ITEM };  /* how Batch._place places a value */
 
 typedef struct {
-    PyObject *key, *value;  /* borrowed from the dict */
-    PyObject *dts;          /* borrowed (arrays) */
+    PyObject *key, *value;  /* held: pool.take runs Python, and another thread might change
+                               the dict meanwhile */
+    PyObject *dts;          /* borrowed from plain_dtypes, which only grows (arrays) */
     PyObject *raw;          /* OWN_ITEM: the pooled buffer it is copied into (owned) */
     Py_buffer view;         /* held (arrays) */
     int kind;
@@ -170,6 +171,8 @@ static void release_items(Item *items, int n) {
     for (int i = 0; i < n; i++) {
         if (items[i].kind != VALUE_ITEM) PyBuffer_Release(&items[i].view);
         Py_CLEAR(items[i].raw);
+        Py_DECREF(items[i].key);
+        Py_DECREF(items[i].value);
     }
 }
 
@@ -183,36 +186,36 @@ static int scan(PyObject *data, int copy, Item *items, int *slab_items) {
     while (PyDict_Next(data, &pos, &k, &v)) {
         if (n == MAX_ITEMS || !PyUnicode_CheckExact(k)) goto bail;
         Item *it = &items[n];
-        it->key = k;
-        it->value = v;
+        PyTypeObject *tv = Py_TYPE(v);
         it->raw = NULL;
         it->kind = VALUE_ITEM;
-        PyTypeObject *tv = Py_TYPE(v);
-        if (tv == &PyLong_Type || tv == &PyFloat_Type || tv == &PyBool_Type ||
-            tv == &PyUnicode_Type || tv == &PyBytes_Type || v == Py_None ||
-            tv == &PyComplex_Type) {
-            n++;
-            continue;
+        if (!(tv == &PyLong_Type || tv == &PyFloat_Type || tv == &PyBool_Type ||
+              tv == &PyUnicode_Type || tv == &PyBytes_Type || v == Py_None ||
+              tv == &PyComplex_Type)) {
+            if ((PyObject *)tv != ndarray_type) goto bail;
+            PyObject *dt = PyObject_GetAttr(v, str_dtype);
+            if (dt == NULL) { PyErr_Clear(); goto bail; }
+            PyObject *dts = PyDict_GetItemWithError(plain_dtypes, dt);  /* borrowed */
+            Py_DECREF(dt);
+            if (dts == NULL) { PyErr_Clear(); goto bail; }  /* not seen yet: Python caches it */
+            if (!PyUnicode_Check(dts) || PyUnicode_GET_LENGTH(dts) == 0) goto bail;
+            if (PyObject_GetBuffer(v, &it->view, PyBUF_C_CONTIGUOUS) < 0) {
+                PyErr_Clear();
+                goto bail;
+            }
+            Py_ssize_t len = it->view.len;
+            if (len == 0 || (len > slab_item_max && !copy && len >= zero_copy_min)) {
+                PyBuffer_Release(&it->view);  /* (zero-copy sends are Python's) */
+                goto bail;
+            }
+            it->kind = len <= slab_item_max ? SLAB_ITEM : OWN_ITEM;
+            *slab_items += it->kind == SLAB_ITEM;
+            it->dts = dts;
         }
-        if ((PyObject *)tv != ndarray_type) goto bail;
-        PyObject *dt = PyObject_GetAttr(v, str_dtype);
-        if (dt == NULL) { PyErr_Clear(); goto bail; }
-        PyObject *dts = PyDict_GetItemWithError(plain_dtypes, dt);  /* borrowed */
-        Py_DECREF(dt);
-        if (dts == NULL) { PyErr_Clear(); goto bail; }  /* not seen yet: Python caches it */
-        if (!PyUnicode_Check(dts) || PyUnicode_GET_LENGTH(dts) == 0) goto bail;
-        if (PyObject_GetBuffer(v, &it->view, PyBUF_C_CONTIGUOUS) < 0) {
-            PyErr_Clear();
-            goto bail;
-        }
-        Py_ssize_t len = it->view.len;
-        if (len == 0 || (len > slab_item_max && !copy && len >= zero_copy_min)) {
-            PyBuffer_Release(&it->view);  /* (zero-copy sends are Python's) */
-            goto bail;
-        }
-        it->kind = len <= slab_item_max ? SLAB_ITEM : OWN_ITEM;
-        *slab_items += it->kind == SLAB_ITEM;
-        it->dts = dts;
+        Py_INCREF(k);
+        Py_INCREF(v);
+        it->key = k;
+        it->value = v;
         n++;
     }
     return n;

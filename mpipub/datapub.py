@@ -62,9 +62,9 @@ def publish_data(data: Mapping[str, Any], *, copy: bool = True) -> None:
     promises not to modify them until the task function returns (faster for large arrays,
     wrong if the promise is broken); smaller ones are copied anyway, which measured faster.
     """
-    fast = _engine.fast_publish  # C, for plain data (arrays, numbers, str); else False
+    fast = _engine.fast_publish  # the C path during a task (None without it)
     if fast is not None and fast(data, copy):
-        return
+        return  # (False: not plain data, the Python path below takes it)
     eng = _engine._current
     if eng is None or eng.task_id is None:
         raise _not_in_task_error()

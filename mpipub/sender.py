@@ -138,11 +138,11 @@ class Sender(object if fastpub is None else fastpub.SenderBase):  # type: ignore
                 wake = self.wakes_at - t > WAKE_SLACK_S  # it posts the sealed batch
             else:  # it starts its linger clock
                 wake = len(b.pubs) == 1 and self.wakes_at - t > WAKE_SLACK_S
-        # Only an idle flusher is woken (or one whose timer is far off): one on a short
-        # timer looks by itself. Waking it at every
-        # batch cost a thread switch each time, ~10% of a 64 KiB stream when the kernel put
-        # the flusher beside rank 0's I/O thread (threads pinned: 5.0-5.1 against 5.4-5.9
-        # GB/s); woken only when idle, where it runs made no difference (5.0-5.6 GB/s).
+        # Only an idle flusher is woken (or one whose timer is far off): one on a short timer
+        # looks by itself. Waking it at every batch cost a thread switch each time, ~10% of a
+        # 64 KiB stream when the kernel put the flusher beside rank 0's I/O thread (threads
+        # pinned: 5.0-5.1 against 5.4-5.9 GB/s); woken only when idle, where it runs made no
+        # difference (5.0-5.6 GB/s).
         if wake:
             self._wake_flusher()
 
@@ -258,8 +258,8 @@ class Sender(object if fastpub is None else fastpub.SenderBase):  # type: ignore
                             self.ready_slab = self.pool.take(packing.SLAB_BYTES)
                         if timeout is None:
                             # nothing to do: expect the next step one interval after the last
-                            last, interval, seen_add = self.last_add, self.last_add - seen_add, \
-                                self.last_add
+                            last = self.last_add
+                            interval, seen_add = last - seen_add, last
                             due = last + interval + LINGER_S + _EXPECT_LATE_S
                             if 0 < interval < 60 and due > now:
                                 timeout, wakes_at = due - now, due

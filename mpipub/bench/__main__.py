@@ -75,31 +75,34 @@ def run_cmd(cmd: list, timeout: float, cwd=None, gate: Path | None = None,
     Returns (returncode, seconds, output tail). With ``gate``: once the command has created
     ``gate.ready``, call ``on_ready()`` and create ``gate.go`` (see tasks.wait_at_gate)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_env(), cwd=cwd, start_new_session=True)
-    try:
-        if gate is not None:
-            ready, go = gate.with_suffix(".ready"), gate.with_suffix(".go")
-            while not ready.exists() and proc.poll() is None:
-                if time.perf_counter() - t0 > timeout:
-                    raise subprocess.TimeoutExpired(cmd, timeout)
-                time.sleep(0.001)
-            if proc.poll() is None:
-                on_ready()
-                go.touch()
-        out, _ = proc.communicate(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        rc = -9
-        out = (out or "") + f"\n[killed after {timeout} s]"
-    finally:
+    with tempfile.TemporaryFile("w+") as log:  # (a pipe could fill while we wait at the gate)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env=_env(), cwd=cwd, start_new_session=True)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # no rank outlives its job
-        except ProcessLookupError:
-            pass
-    return rc, time.perf_counter() - t0, (out or "")[-3000:]
+            if gate is not None:
+                ready, go = gate.with_suffix(".ready"), gate.with_suffix(".go")
+                while not ready.exists() and proc.poll() is None:
+                    if time.perf_counter() - t0 > timeout:
+                        raise subprocess.TimeoutExpired(cmd, timeout)
+                    time.sleep(0.001)
+                if proc.poll() is None:
+                    on_ready()
+                    go.touch()
+            rc = proc.wait(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
+            note = ""
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = -9
+            note = f"\n[killed after {timeout} s]"
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # no rank outlives its job
+            except ProcessLookupError:
+                pass
+        log.seek(0)
+        out = log.read() + note
+    return rc, time.perf_counter() - t0, out[-3000:]
 
 
 def run_worker(nranks: int, module: str, params: dict, tmp: Path, timeout: float,
@@ -236,6 +239,14 @@ def g_start(cfg, tmp, rows, raw):
                       ratio <= 1.5, fmt=lambda x: f"{x:.2f} s"))
 
 
+def _ballast(nbytes: int) -> list:
+    """``nbytes`` (256 MiB to 2 GiB) of memory touched now, for g_sink to free right before a
+    measurement (see there): a list, emptied to free it."""
+    import numpy as np
+
+    return [np.ones(min(max(nbytes, 256 * MiB), 2048 * MiB) // 8)]
+
+
 def g_sink(cfg, tmp, rows, raw):
     try:
         import mpipub.sink  # noqa: F401
@@ -251,19 +262,25 @@ def g_sink(cfg, tmp, rows, raw):
         for rep in range(cfg["sink_repeats"]):
             # Each measurement starts right after the previous one's file is deleted and its
             # dirty pages written (writeback throttling otherwise lands on whichever writes
-            # second); the order alternates. "Right after" matters on this VM: freed memory
-            # is handed back to the host within ~2 s (free page reporting) and touching it
-            # again is slow: plain h5py fell from 2.3-2.7 to 0.5-0.65 GB/s when it started
-            # 3 s after the delete. So the MPI jobs wait, started, until the delete is done.
+            # second); the order alternates. And right after as much recently touched memory
+            # was freed: this VM hands freed memory back to the host within ~2 s (free page
+            # reporting), and touching it again is slow. Plain h5py fell from 2.3-2.7 to
+            # 0.5-0.65 GB/s when it started 3 s after the delete, and the sink, which needs
+            # more memory than the file it writes (rank 0's receive buffers), depended on
+            # how much the previous measurement had freed. So every measurement, the MPI
+            # jobs started and waiting at a gate, begins right after the driver deletes the
+            # previous file and frees a ballast it had touched (_ballast).
             order = ("sink", "h5py", "alone", "raw")
             for which in (order if rep % 2 == 0 else order[::-1]):
                 path = tmp / f"{which}-{rep}.h5"
+                ballast = _ballast(3 * steps * nbytes)
 
-                def delete_previous(keep=path):
+                def delete_previous(keep=path, ballast=ballast):
                     for f in tmp.glob("*.h5"):
                         if f != keep:
                             f.unlink()
                     os.sync()
+                    ballast.clear()
 
                 if which == "h5py":
                     delete_previous()
