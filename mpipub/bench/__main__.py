@@ -91,10 +91,10 @@ def run_cmd(cmd: list, timeout: float, cwd=None, gate: Path | None = None,
             rc = proc.wait(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
             note = ""
         except subprocess.TimeoutExpired:
+            note = f"\n[killed after {timeout} s]{_stacks(proc.pid)}"
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             rc = -9
-            note = f"\n[killed after {timeout} s]"
         finally:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)  # no rank outlives its job
@@ -102,7 +102,29 @@ def run_cmd(cmd: list, timeout: float, cwd=None, gate: Path | None = None,
                 pass
         log.seek(0)
         out = log.read() + note
-    return rc, time.perf_counter() - t0, out[-3000:]
+    return rc, time.perf_counter() - t0, out[-6000:]
+
+
+def _stacks(root: int) -> str:
+    """Where the Python processes under a hung job are (py-spy, when it is installed; the
+    ranks are grandchildren of mpiexec, in a session of their own)."""
+    spy = shutil.which("py-spy", path=os.path.dirname(PY) + os.pathsep + os.environ.get("PATH", ""))
+    if not spy:
+        return ""
+    ps = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict = {}
+    for line in ps.splitlines():
+        pid, ppid = line.split()
+        children.setdefault(ppid, []).append(pid)
+    out, todo = [], [str(root)]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        r = subprocess.run([spy, "dump", "--pid", pid], capture_output=True, text=True,
+                           timeout=30)
+        if r.returncode == 0:
+            out.append(r.stdout)
+    return "\n" + "\n".join(out)
 
 
 def run_worker(nranks: int, module: str, params: dict, tmp: Path, timeout: float,

@@ -80,6 +80,7 @@ def raw_fan_in_h5py(p: dict) -> None:
     t0 = time.perf_counter()
     if comm.rank:  # waiting politely: a spinning MPI_Wait on 4 engines starves rank 0 on
         tasks.raw_stream(per, p["nbytes"], polite=True)  # 2 cores (0.26 GB/s at 1 MiB)
+        comm.Barrier()
         return
     rows = max(1, min(per, (1 << 20) // a.nbytes))
     st = MPI.Status()
@@ -98,6 +99,10 @@ def raw_fan_in_h5py(p: dict) -> None:
     dt = time.perf_counter() - t0
     with open(sys.argv[2], "w") as fh:
         json.dump({"seconds": dt, "bytes": per * engines * a.nbytes, "steps": per * engines}, fh)
+    # Leaving MPI while an engine has yet to see its last send complete left that engine
+    # testing it forever now and then (1 job in ~75 with 64 KiB messages): stay until all
+    # the engines are done.
+    comm.Barrier()
 
 
 def writer_alone(path: str, nbytes: int, total: int, engines: int = 4) -> float:
