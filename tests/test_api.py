@@ -164,10 +164,13 @@ def test_data_is_a_snapshot(mpi_script):
     ok(job, "OK snapshot")
 
 
-def test_last_step_of_a_burst_arrives_while_the_engine_computes(mpi_script):
+@pytest.mark.parametrize("pace_s", [0, 0.002])
+def test_last_step_of_a_burst_arrives_while_the_engine_computes(mpi_script, pace_s):
     # Fast publications are coalesced; the batch still open when the task goes on computing
-    # must not wait for the next publish_data call (the engine's flusher sends it).
-    job = mpi_script("""
+    # must not wait for the next publish_data call (the engine's flusher sends it). At a
+    # steady pace (pace_s) the flusher is not woken by each step but expects the next one
+    # (sender.WAKE_SLACK_S): the step that does not come must not keep the last one waiting.
+    job = mpi_script(f"""
         import time
         from mpipub import Client
         c = Client()
@@ -175,11 +178,15 @@ def test_last_step_of_a_burst_arrives_while_the_engine_computes(mpi_script):
             import time
             from mpipub import publish_data
             for i in range(100):
-                publish_data({"i": i})
+                publish_data({{"i": i}})
+                if {pace_s}:
+                    time.sleep({pace_s})
             t = time.time()
             while time.time() - t < 3.0:   # a compute phase that holds the GIL
                 sum(range(1000))
         ar = c[1].apply_async(burst_then_compute)
+        while not ar.data and not ar.ready():
+            time.sleep(0.001)
         t0 = time.time()
         while ar.data.get("i") != 99:
             assert time.time() - t0 < 2.0, ("last step not seen while the engine computes",
