@@ -10,8 +10,8 @@
  * packing.py has found plain). Arrays go where Batch._place puts them: up to SLAB_ITEM_MAX
  * bytes into the slab (the batch's first slab is one the flusher keeps ready), larger ones
  * into a buffer of their own from the pool; zero-copy sends stay with Python. For anything
- * else (and when the lock is taken, an abort poll is due, the sender failed, or a new slab
- * would be needed) it changes nothing and returns False: the Python path
+ * else (and when the lock is taken, an abort poll is due, the sender failed, a new slab
+ * would be needed, or batches would have to be posted) it changes nothing and returns False: the Python path
  * (sender.Sender.publish) then does the call, and it stays the reference for what a
  * publication is.
  *
@@ -29,7 +29,7 @@
 /* set by configure(): constants and objects owned by the Python modules */
 static PyObject *ndarray_type;  /* numpy.ndarray */
 static PyObject *plain_dtypes;  /* packing._plain_dtypes: dtype -> str ("" when pickled) */
-static PyObject *str_dtype, *str_shape, *str_post_sealed, *str_take;
+static PyObject *str_dtype, *str_shape, *str_take;
 static Py_ssize_t slab_item_max = -1, slab_bytes, align = 64, batch_bytes, batch_pubs;
 static Py_ssize_t zero_copy_min;
 static double max_age_s, wake_slack_s;
@@ -178,11 +178,13 @@ static void release_items(Item *items, int n) {
 
 /* Pass 1, before the lock: is every item plain? Fills items (holding array views); returns
  * the count, or -1 when the Python path must take the call (nothing held then). */
-static int scan(PyObject *data, int copy, Item *items, int *slab_items) {
+static int scan(PyObject *data, int copy, Item *items, int *slab_items,
+                Py_ssize_t *pub_bytes) {
     PyObject *k, *v;
     Py_ssize_t pos = 0;
     int n = 0;
     *slab_items = 0;
+    *pub_bytes = 0;
     while (PyDict_Next(data, &pos, &k, &v)) {
         if (n == MAX_ITEMS || !PyUnicode_CheckExact(k)) goto bail;
         Item *it = &items[n];
@@ -212,6 +214,7 @@ static int scan(PyObject *data, int copy, Item *items, int *slab_items) {
             *slab_items += it->kind == SLAB_ITEM;
             it->dts = dts;
         }
+        *pub_bytes += it->kind == VALUE_ITEM ? 8 : it->view.len;  /* as Batch.add counts */
         Py_INCREF(k);
         Py_INCREF(v);
         it->key = k;
@@ -268,11 +271,23 @@ static int copy_into(PyObject *buf, Py_ssize_t off, Py_buffer *v) {
 
 /* Pass 2, under the lock: copy and append. Returns 1 done, 2 done and the flusher must be
  * woken, 0 not taken (nothing changed), -1 error. */
-static int add(SenderBase *self, Item *items, int n, int slab_items, double t) {
+static int add(SenderBase *self, Item *items, int n, int slab_items,
+               Py_ssize_t pub_bytes, double t) {
     BatchBase *b = (BatchBase *)self->batch;
     int new_batch = b == NULL || (PyObject *)b == Py_None;
     int have_ready = self->ready_slab != NULL && self->ready_slab != Py_None;
     if (!new_batch && !PyObject_TypeCheck((PyObject *)b, &BatchBase_Type)) return 0;
+    /* Sealing a batch while the flusher has not posted the last one: then the caller posts
+     * both (Sender.publish), and that is Python's, with signals deferred meanwhile
+     * (Engine.publish; a Ctrl-C between a header and its buffers would leave the client
+     * waiting for buffers that never come). */
+    if (PyList_GET_SIZE(self->sealed) > 0) {
+        Py_ssize_t pubs = new_batch ? 0 : PyList_GET_SIZE(b->pubs);
+        double first = pubs ? b->first_t : t;
+        if ((new_batch ? 0 : b->nbytes) + pub_bytes >= batch_bytes || pubs + 1 >= batch_pubs ||
+            t - first >= max_age_s)
+            return 0;
+    }
     if (slab_items) {
         if (new_batch || b->slab == NULL || b->slab == Py_None) {
             if (!have_ready || !fits(items, n, 0)) return 0;
@@ -361,12 +376,6 @@ static int add(SenderBase *self, Item *items, int n, int slab_items, double t) {
         if (PyList_Append(self->sealed, (PyObject *)b) < 0) return -1;
         Py_INCREF(Py_None);
         Py_XSETREF(self->batch, Py_None);
-        if (PyList_GET_SIZE(self->sealed) > 1) {
-            /* the flusher has not had the GIL since the last one: post them here */
-            PyObject *r = PyObject_CallMethodNoArgs((PyObject *)self, str_post_sealed);
-            if (r == NULL) return -1;
-            Py_DECREF(r);
-        }
         return self->wakes_at - t > wake_slack_s ? 2 : 1;  /* it posts the sealed batch */
     }
     /* the first publication of a batch starts the flusher's linger clock */
@@ -395,7 +404,8 @@ static PyObject *sender_fast_publish(SenderBase *self, PyObject *const *args,
     if (t >= self->next_abort_poll) Py_RETURN_FALSE;
     Item items[MAX_ITEMS];
     int slab_items = 0;
-    int n = scan(data, copy, items, &slab_items);
+    Py_ssize_t pub_bytes = 0;
+    int n = scan(data, copy, items, &slab_items, &pub_bytes);
     if (n < 0) Py_RETURN_FALSE;
     int got = lock_try(self);
     if (got <= 0) {
@@ -403,7 +413,7 @@ static PyObject *sender_fast_publish(SenderBase *self, PyObject *const *args,
         if (got < 0) return NULL;
         Py_RETURN_FALSE;  /* the flusher holds it: the Python path waits for it */
     }
-    int r = add(self, items, n, slab_items, t);
+    int r = add(self, items, n, slab_items, pub_bytes, t);
     release_items(items, n);
     PyObject *exc_type = NULL, *exc_value = NULL, *exc_tb = NULL;
     if (r < 0) PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
@@ -496,9 +506,8 @@ PyMODINIT_FUNC PyInit__fastpub(void) {
     if (PyType_Ready(&BatchBase_Type) < 0 || PyType_Ready(&SenderBase_Type) < 0) return NULL;
     str_dtype = PyUnicode_InternFromString("dtype");
     str_shape = PyUnicode_InternFromString("shape");
-    str_post_sealed = PyUnicode_InternFromString("_post_sealed");
     str_take = PyUnicode_InternFromString("take");
-    if (!str_dtype || !str_shape || !str_post_sealed || !str_take) return NULL;
+    if (!str_dtype || !str_shape || !str_take) return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL) return NULL;
     Py_INCREF(&BatchBase_Type);
