@@ -11,9 +11,11 @@
  * bytes into the slab (the batch's first slab is one the flusher keeps ready), larger ones
  * into a buffer of their own from the pool; zero-copy sends stay with Python. For anything
  * else (and when the lock is taken, an abort poll is due, the sender failed, a new slab
- * would be needed, or batches would have to be posted) it changes nothing and returns False: the Python path
- * (sender.Sender.publish) then does the call, and it stays the reference for what a
- * publication is.
+ * would be needed, or batches would have to be posted) it changes nothing and returns False:
+ * the Python path (sender.Sender.publish) then does the call, and it stays the reference for
+ * what a publication is. With a sink on (sink_checks), it also leaves to Python every value
+ * that layout.check_value might refuse (None, ints beyond 64 bits, str with NUL or not valid
+ * unicode, arrays of dtype kinds other than "biufcS"), so refusals are Python's.
  *
  * The two base types hold the state both paths share, as C fields that Python sees as
  * attributes: BatchBase (packing.Batch) and SenderBase (sender.Sender).
@@ -125,6 +127,7 @@ typedef struct {
     PyObject *pool;
     PyObject *lock_acquire, *lock_release, *wake_release;  /* bound methods */
     Py_ssize_t step;        /* publications of the running task so far */
+    char sink_checks;       /* a sink checks values: take only what it surely accepts */
     double last_add, wakes_at, next_abort_poll;
 } SenderBase;
 
@@ -178,7 +181,33 @@ static void release_items(Item *items, int n) {
 
 /* Pass 1, before the lock: is every item plain? Fills items (holding array views); returns
  * the count, or -1 when the Python path must take the call (nothing held then). */
-static int scan(PyObject *data, int copy, Item *items, int *slab_items,
+/* With a sink on, is this plain value one that layout.check_value surely accepts? (Stricter
+ * is fine: what is refused here goes to Python, which accepts it or raises the error.) */
+static int sink_accepts_value(PyObject *v) {
+    PyTypeObject *tv = Py_TYPE(v);
+    if (v == Py_None) return 0;
+    if (tv == &PyLong_Type) {
+        int overflow = 0;
+        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (x == -1 && PyErr_Occurred()) { PyErr_Clear(); return 0; }
+        return !overflow;  /* 64-bit range */
+    }
+    if (tv == &PyUnicode_Type) {
+        Py_ssize_t len;
+        const char *u = PyUnicode_AsUTF8AndSize(v, &len);
+        if (u == NULL) { PyErr_Clear(); return 0; }  /* not valid unicode */
+        return memchr(u, 0, (size_t)len) == NULL;    /* no NUL */
+    }
+    return 1;  /* float, bool, complex, bytes */
+}
+
+static int sink_accepts_dtype(PyObject *dts) {
+    /* dtype.str is byte order, kind, size ("<f8", "|S5"); fields were ruled out already */
+    Py_UCS4 kind = PyUnicode_READ_CHAR(dts, 1);
+    return kind < 128 && strchr("biufcS", (int)kind) != NULL;
+}
+
+static int scan(PyObject *data, int copy, int sink_checks, Item *items, int *slab_items,
                 Py_ssize_t *pub_bytes) {
     PyObject *k, *v;
     Py_ssize_t pos = 0;
@@ -191,16 +220,19 @@ static int scan(PyObject *data, int copy, Item *items, int *slab_items,
         PyTypeObject *tv = Py_TYPE(v);
         it->raw = NULL;
         it->kind = VALUE_ITEM;
-        if (!(tv == &PyLong_Type || tv == &PyFloat_Type || tv == &PyBool_Type ||
-              tv == &PyUnicode_Type || tv == &PyBytes_Type || v == Py_None ||
-              tv == &PyComplex_Type)) {
+        if (tv == &PyLong_Type || tv == &PyFloat_Type || tv == &PyBool_Type ||
+            tv == &PyUnicode_Type || tv == &PyBytes_Type || v == Py_None ||
+            tv == &PyComplex_Type) {
+            if (sink_checks && !sink_accepts_value(v)) goto bail;
+        } else {
             if ((PyObject *)tv != ndarray_type) goto bail;
             PyObject *dt = PyObject_GetAttr(v, str_dtype);
             if (dt == NULL) { PyErr_Clear(); goto bail; }
             PyObject *dts = PyDict_GetItemWithError(plain_dtypes, dt);  /* borrowed */
             Py_DECREF(dt);
             if (dts == NULL) { PyErr_Clear(); goto bail; }  /* not seen yet: Python caches it */
-            if (!PyUnicode_Check(dts) || PyUnicode_GET_LENGTH(dts) == 0) goto bail;
+            if (!PyUnicode_Check(dts) || PyUnicode_GET_LENGTH(dts) < 2) goto bail;
+            if (sink_checks && !sink_accepts_dtype(dts)) goto bail;
             if (PyObject_GetBuffer(v, &it->view, PyBUF_C_CONTIGUOUS) < 0) {
                 PyErr_Clear();
                 goto bail;
@@ -405,7 +437,7 @@ static PyObject *sender_fast_publish(SenderBase *self, PyObject *const *args,
     Item items[MAX_ITEMS];
     int slab_items = 0;
     Py_ssize_t pub_bytes = 0;
-    int n = scan(data, copy, items, &slab_items, &pub_bytes);
+    int n = scan(data, copy, self->sink_checks, items, &slab_items, &pub_bytes);
     if (n < 0) Py_RETURN_FALSE;
     int got = lock_try(self);
     if (got <= 0) {
@@ -458,6 +490,7 @@ static PyMemberDef sender_members[] = {
     {"_lock_release", T_OBJECT, offsetof(SenderBase, lock_release), 0, NULL},
     {"_wake_release", T_OBJECT, offsetof(SenderBase, wake_release), 0, NULL},
     {"step", T_PYSSIZET, offsetof(SenderBase, step), 0, NULL},
+    {"sink_checks", T_BOOL, offsetof(SenderBase, sink_checks), 0, NULL},
     {"last_add", T_DOUBLE, offsetof(SenderBase, last_add), 0, NULL},
     {"wakes_at", T_DOUBLE, offsetof(SenderBase, wakes_at), 0, NULL},
     {"next_abort_poll", T_DOUBLE, offsetof(SenderBase, next_abort_poll), 0, NULL},

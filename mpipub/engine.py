@@ -169,7 +169,8 @@ class Engine:
             sender.step += 1
         finally:
             self.sending = False
-        if fast_publish is None and self.check_value is None and self.busy:
+        if fast_publish is None and self.busy and (
+                self.check_value is None or sender.sink_checks):
             fast_publish = sender.fast_path()  # (once numpy is imported)
         if self.deferred_signal is not None:
             self._raise_deferred()
@@ -269,6 +270,8 @@ class Engine:
             fn, args, kwargs, options = m.decode()
             self.task_options = options or {}
             self.check_value = self.task_options.get("check_value")
+            # the sink's check: the C path takes only values it surely accepts (_fastpub.c)
+            self.sender.sink_checks = bool(self.task_options.get("sink_checks"))
             self.sender.next_abort_poll = 0.0
             fn = self._bind(fn)
             sys.stdout = _ForwardedStream(self, out, 1)

@@ -88,6 +88,7 @@ class Sender(object if fastpub is None else fastpub.SenderBase):  # type: ignore
         self.task_id: int | None = None  # the running task
         self.step = 0  # its publications so far
         self.next_abort_poll = 0.0  # publish() reads abort requests from then on (Engine)
+        self.sink_checks = False  # a sink checks values (fast_publish is stricter then)
         self.last_add = 0.0
         self.error: BaseException | None = None
         # a plain lock used as a binary semaphore: release() is the cheapest wake-up there is

@@ -207,7 +207,9 @@ class Sink:
     def task_options(self) -> dict:
         if self.error is not None:
             raise SinkError(f"{self.error} (no new tasks while the sink is broken)")
-        return {"check_value": functools.partial(L.check_selected, self.include, self.exclude)}
+        # sink_checks: the engine's C path takes only what check_value surely accepts
+        return {"check_value": functools.partial(L.check_selected, self.include, self.exclude),
+                "sink_checks": True}
 
     def on_task_start(self, rec, payload) -> None:
         fn, args, kwargs = payload

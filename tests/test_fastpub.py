@@ -233,6 +233,32 @@ def test_the_c_path_seals_full_batches_and_wakes_only_an_idle_flusher(configured
     assert s.fast_publish({"i": 0}) is True and len(s.sealed) == 1
 
 
+SINK_VALUES = [
+    1, -(1 << 63), (1 << 63) - 1, 1 << 63, -(1 << 63) - 1, True, 1.5, 1j, b"x\x00", "text",
+    "nul\x00inside", "\udc80", None,
+    np.arange(3, dtype=np.int8), np.ones((2, 2), np.float32), np.array([1j]),
+    np.array([True]), np.array([b"ab"]), np.array(["ab"]), np.array([1], "datetime64[s]"),
+    np.zeros(1, "V8"), np.arange(2, dtype=">u2"),
+]
+
+
+@needs_c
+@pytest.mark.parametrize("value", SINK_VALUES, ids=repr)
+def test_with_a_sink_the_c_path_takes_only_what_the_sink_accepts(configured, value):
+    from mpipub import layout
+
+    s = _Sender()
+    s.sink_checks = True
+    packing.Batch(1, wire.BufferPool()).add(0, 0.0, {"v": value}, True)  # (dtype cache)
+    before = s.state()
+    taken = s.fast_publish({"v": value})
+    if layout.check_value("v", value) is not None:
+        assert taken is False and s.state() == before  # Python raises the sink's error
+    else:
+        ok_for_c = not isinstance(value, np.ndarray) or value.dtype.kind in "biufcS"
+        assert taken is ok_for_c
+
+
 @pytest.mark.parametrize("pure", ["0", "1"])
 def test_engines_publish_the_same_with_and_without_the_c_path(mpi_script, pure):
     job = mpi_script("""
@@ -284,3 +310,42 @@ def test_engines_publish_the_same_with_and_without_the_c_path(mpi_script, pure):
         assert used == "[False, False]", job.stdout
     elif fastpub is not None:
         assert used == "[True, True]", job.stdout
+
+
+def test_a_sink_gets_every_step_through_the_c_path_and_refusals_stay_exact(mpi_script, tmp_path):
+    sink = tmp_path / "run.h5"
+    job = mpi_script(f"""
+        import numpy as np
+        from mpipub import Client, PublishError
+        c = Client(sink={str(sink)!r})
+        def steps(n):
+            import numpy as np
+            from mpipub import engine, publish_data
+            a = np.zeros(1000)
+            for i in range(n):
+                a[:] = i
+                publish_data({{"a": a, "i": i, "name": "x" * (i % 3)}})
+                a[:] = -1
+            fast = engine.fast_publish is not None
+            try:
+                publish_data({{"bad": None}})
+            except PublishError as e:
+                return fast, str(e)
+            return fast, "no error"
+        res = c[:].apply_async(steps, 300).get(timeout=60)
+        c.close()
+        for fast, err in res:
+            assert "cannot store key 'bad'" in err and "task" in err and "step 300" in err, err
+        import mpipub
+        with mpipub.open({str(sink)!r}) as run:
+            t = run.task(run.tasks[-1])
+            for k in (0, 1):
+                a = t["a"][k]
+                assert a.shape == (300, 1000) and (a == np.arange(300)[:, None]).all()
+                assert t["name"][k][:4] == ["", "x", "xx", ""] and len(t["i"][k]) == 300
+            assert "bad" not in t.keys
+        print("FAST", [fast for fast, _ in res])
+    """, nranks=3, timeout=120)
+    ok(job, "FAST")
+    if fastpub is not None:
+        assert "FAST [True, True]" in job.stdout, job.stdout
