@@ -25,7 +25,7 @@ def main() -> None:
     p = json.loads(sys.argv[1])
     if p.get("raw"):
         return raw_fan_in_h5py(p)
-    c = Client(sink=p["path"], overwrite=True, **p.get("sink_options", {}))
+    c = Client(sink=p["path"], overwrite=True)
     sink = c._rt.sinks[-1]
     per = max(1, p["total"] // len(c))
     # warm up, as the baseline is warm (its array, h5py): the first WARM_BYTES of a run fill
