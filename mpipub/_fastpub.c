@@ -420,30 +420,23 @@ error:
     return -1;
 }
 
-static PyObject *sender_fast_publish(SenderBase *self, PyObject *const *args,
-                                     Py_ssize_t nargs) {
-    if (nargs < 1 || nargs > 2) {
-        PyErr_SetString(PyExc_TypeError, "fast_publish(data, copy=True)");
-        return NULL;
-    }
-    PyObject *data = args[0];
-    int copy = nargs < 2 || PyObject_IsTrue(args[1]);
-    if (copy < 0) return NULL;
+/* The whole C path: 1 published, 0 not taken (the Python path must take the call; nothing
+ * changed), -1 error. */
+static int try_publish(SenderBase *self, PyObject *data, int copy) {
     if (!PyDict_CheckExact(data) || (self->error != NULL && self->error != Py_None) ||
         self->task_id == NULL || self->task_id == Py_None || slab_item_max < 0)
-        Py_RETURN_FALSE;
+        return 0;
     double t = now_s();
-    if (t >= self->next_abort_poll) Py_RETURN_FALSE;
+    if (t >= self->next_abort_poll) return 0;
     Item items[MAX_ITEMS];
     int slab_items = 0;
     Py_ssize_t pub_bytes = 0;
     int n = scan(data, copy, self->sink_checks, items, &slab_items, &pub_bytes);
-    if (n < 0) Py_RETURN_FALSE;
+    if (n < 0) return 0;
     int got = lock_try(self);
     if (got <= 0) {
         release_items(items, n);
-        if (got < 0) return NULL;
-        Py_RETURN_FALSE;  /* the flusher holds it: the Python path waits for it */
+        return got;  /* 0: the flusher holds it, the Python path waits for it */
     }
     int r = add(self, items, n, slab_items, pub_bytes, t);
     release_items(items, n);
@@ -451,24 +444,37 @@ static PyObject *sender_fast_publish(SenderBase *self, PyObject *const *args,
     if (r < 0) PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
     if (lock_release(self) < 0) {
         Py_XDECREF(exc_type); Py_XDECREF(exc_value); Py_XDECREF(exc_tb);
-        return NULL;
+        return -1;
     }
     if (r < 0) {
         PyErr_Restore(exc_type, exc_value, exc_tb);
-        return NULL;
+        return -1;
     }
-    if (r == 0) Py_RETURN_FALSE;
+    if (r == 0) return 0;
     if (r == 2) {
         self->wakes_at = -Py_HUGE_VAL;  /* woken: it looks by itself now */
         PyObject *res = PyObject_CallNoArgs(self->wake_release);
         if (res == NULL) {
-            if (!PyErr_ExceptionMatches(PyExc_RuntimeError)) return NULL;
+            if (!PyErr_ExceptionMatches(PyExc_RuntimeError)) return -1;
             PyErr_Clear();  /* already released: it woke on its own meanwhile */
         } else {
             Py_DECREF(res);
         }
     }
-    Py_RETURN_TRUE;
+    return 1;
+}
+
+static PyObject *sender_fast_publish(SenderBase *self, PyObject *const *args,
+                                     Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "fast_publish(data, copy=True)");
+        return NULL;
+    }
+    int copy = nargs < 2 || PyObject_IsTrue(args[1]);
+    if (copy < 0) return NULL;
+    int r = try_publish(self, args[0], copy);
+    if (r < 0) return NULL;
+    return PyBool_FromLong(r);
 }
 
 static PyMethodDef sender_methods[] = {
@@ -510,6 +516,140 @@ static PyTypeObject SenderBase_Type = {
     .tp_methods = sender_methods,
 };
 
+/* ---------------------------------------------------------------- Publisher */
+/* The public publish_data when this module is built: a C callable that tries the C path
+ * first and calls the Python publish_data (datapub.py, its ``fallback``) for everything else.
+ * Why not a Python function calling fast_publish: after a pause (a simulation's compute
+ * phase) that one Python frame cost 5-9 us here, more than the C path itself (benchmarks/,
+ * row 3). It looks like the Python function (functools.update_wrapper: __doc__, __name__,
+ * __wrapped__ for inspect.signature) and pickles by reference, as the function does. */
+static PyObject *current_sender;  /* the running task's sender (SenderBase), or NULL */
+static PyObject *str_copy;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *fallback;
+    PyObject *dict;
+    vectorcallfunc vectorcall;
+} Publisher;
+
+static PyObject *publisher_vectorcall(Publisher *self, PyObject *const *args, size_t nargsf,
+                                      PyObject *kwnames) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *sender = current_sender;
+    if (sender != NULL && nargs == 1) {
+        int copy = 1;
+        Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+        if (nkw == 1 && PyUnicode_Check(PyTuple_GET_ITEM(kwnames, 0)) &&
+            PyUnicode_Compare(PyTuple_GET_ITEM(kwnames, 0), str_copy) == 0) {
+            copy = PyObject_IsTrue(args[1]);
+            if (copy < 0) return NULL;
+        } else if (nkw != 0) {
+            goto python;
+        }
+        Py_INCREF(sender);  /* (the task's thread may end the task only after we return) */
+        int r = try_publish((SenderBase *)sender, args[0], copy);
+        Py_DECREF(sender);
+        if (r < 0) return NULL;
+        if (r == 1) Py_RETURN_NONE;
+    }
+python:
+    return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
+}
+
+static PyObject *publisher_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    PyObject *fallback;
+    if (!PyArg_ParseTuple(args, "O:Publisher", &fallback)) return NULL;
+    if (!PyCallable_Check(fallback)) {
+        PyErr_SetString(PyExc_TypeError, "Publisher(fallback): fallback must be callable");
+        return NULL;
+    }
+    Publisher *self = (Publisher *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    Py_INCREF(fallback);
+    self->fallback = fallback;
+    self->vectorcall = (vectorcallfunc)publisher_vectorcall;
+    return (PyObject *)self;
+}
+
+static int publisher_traverse(Publisher *self, visitproc visit, void *arg) {
+    Py_VISIT(self->fallback); Py_VISIT(self->dict);
+    return 0;
+}
+
+static int publisher_clear(Publisher *self) {
+    Py_CLEAR(self->fallback); Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void publisher_dealloc(Publisher *self) {
+    PyObject_GC_UnTrack(self);
+    publisher_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* pickled by name, like the function it stands for (cloudpickle: tasks that use it) */
+static PyObject *publisher_reduce(Publisher *self, PyObject *unused) {
+    return PyObject_GetAttrString(self->fallback, "__qualname__");
+}
+
+static PyObject *publisher_repr(Publisher *self) {
+    return PyUnicode_FromFormat("<function publish_data (C path first, then %R)>",
+                                self->fallback);
+}
+
+static PyMethodDef publisher_methods[] = {
+    {"__reduce__", (PyCFunction)publisher_reduce, METH_NOARGS, NULL}, {NULL}};
+
+static PyMemberDef publisher_members[] = {
+    {"__vectorcalloffset__", T_PYSSIZET, offsetof(Publisher, vectorcall), READONLY, NULL},
+    {"fallback", T_OBJECT, offsetof(Publisher, fallback), READONLY,
+     "the Python function that takes what the C path does not"},
+    {NULL}};
+
+static PyGetSetDef publisher_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL}, {NULL}};
+
+static PyTypeObject Publisher_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "mpipub._fastpub.Publisher",
+    .tp_doc = "Publisher(fallback): publish_data with its common case in C (see _fastpub.c).",
+    .tp_basicsize = sizeof(Publisher),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = publisher_new,
+    .tp_call = PyVectorcall_Call,
+    .tp_repr = (reprfunc)publisher_repr,
+    .tp_vectorcall_offset = offsetof(Publisher, vectorcall),
+    .tp_dictoffset = offsetof(Publisher, dict),
+    .tp_traverse = (traverseproc)publisher_traverse,
+    .tp_clear = (inquiry)publisher_clear,
+    .tp_dealloc = (destructor)publisher_dealloc,
+    .tp_methods = publisher_methods,
+    .tp_members = publisher_members,
+    .tp_getset = publisher_getset,
+};
+
+/* set_current(sender or None): which sender publish_data's C path publishes through */
+static PyObject *set_current(PyObject *mod, PyObject *sender) {
+    if (sender == Py_None) {
+        Py_CLEAR(current_sender);
+        Py_RETURN_NONE;
+    }
+    if (!PyObject_TypeCheck(sender, &SenderBase_Type)) {
+        PyErr_SetString(PyExc_TypeError, "set_current() takes a SenderBase or None");
+        return NULL;
+    }
+    Py_INCREF(sender);
+    Py_XSETREF(current_sender, sender);
+    Py_RETURN_NONE;
+}
+
+static PyObject *get_current(PyObject *mod, PyObject *unused) {
+    PyObject *s = current_sender != NULL ? current_sender : Py_None;
+    Py_INCREF(s);
+    return s;
+}
+
 /* ---------------------------------------------------------------- module */
 static PyObject *configure(PyObject *mod, PyObject *args, PyObject *kw) {
     static char *names[] = {"ndarray", "plain_dtypes", "slab_item_max", "slab_bytes", "align",
@@ -529,6 +669,10 @@ static PyObject *configure(PyObject *mod, PyObject *args, PyObject *kw) {
 static PyMethodDef module_methods[] = {
     {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
      "Set the constants and objects the fast path shares with packing.py and sender.py."},
+    {"set_current", (PyCFunction)set_current, METH_O,
+     "set_current(sender or None): the sender that Publisher calls publish through."},
+    {"current", (PyCFunction)get_current, METH_NOARGS,
+     "current() -> the sender set by set_current, or None."},
     {NULL}};
 
 static struct PyModuleDef module_def = {
@@ -536,17 +680,22 @@ static struct PyModuleDef module_def = {
     "publish_data's common case in C (see _fastpub.c).", -1, module_methods};
 
 PyMODINIT_FUNC PyInit__fastpub(void) {
-    if (PyType_Ready(&BatchBase_Type) < 0 || PyType_Ready(&SenderBase_Type) < 0) return NULL;
+    if (PyType_Ready(&BatchBase_Type) < 0 || PyType_Ready(&SenderBase_Type) < 0 ||
+        PyType_Ready(&Publisher_Type) < 0)
+        return NULL;
     str_dtype = PyUnicode_InternFromString("dtype");
     str_shape = PyUnicode_InternFromString("shape");
     str_take = PyUnicode_InternFromString("take");
-    if (!str_dtype || !str_shape || !str_take) return NULL;
+    str_copy = PyUnicode_InternFromString("copy");
+    if (!str_dtype || !str_shape || !str_take || !str_copy) return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL) return NULL;
     Py_INCREF(&BatchBase_Type);
     Py_INCREF(&SenderBase_Type);
+    Py_INCREF(&Publisher_Type);
     if (PyModule_AddObject(m, "BatchBase", (PyObject *)&BatchBase_Type) < 0 ||
-        PyModule_AddObject(m, "SenderBase", (PyObject *)&SenderBase_Type) < 0) {
+        PyModule_AddObject(m, "SenderBase", (PyObject *)&SenderBase_Type) < 0 ||
+        PyModule_AddObject(m, "Publisher", (PyObject *)&Publisher_Type) < 0) {
         Py_DECREF(m);
         return NULL;
     }

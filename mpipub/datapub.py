@@ -7,6 +7,7 @@ past the bound the call waits for the oldest send (the producer slows down, noth
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,7 +15,7 @@ from . import comm as _comm
 from . import engine as _engine
 from .comm import CLIENT_RANK
 from .errors import MpipubError, PublishError
-from .packing import KeyNotStr, ValueNotSendable
+from .packing import KeyNotStr, ValueNotSendable, fastpub
 
 
 def _mpi_rank_if_running() -> int | None:
@@ -62,9 +63,6 @@ def publish_data(data: Mapping[str, Any], *, copy: bool = True) -> None:
     promises not to modify them until the task function returns (faster for large arrays,
     wrong if the promise is broken); smaller ones are copied anyway, which measured faster.
     """
-    fast = _engine.fast_publish  # the C path during a task (None without it)
-    if fast is not None and fast(data, copy):
-        return  # (False: not plain data, the Python path below takes it)
     eng = _engine._current
     if eng is None or eng.task_id is None:
         raise _not_in_task_error()
@@ -91,6 +89,12 @@ def publish_data(data: Mapping[str, Any], *, copy: bool = True) -> None:
             f"publish_data() cannot send key {e.key!r}: value of type "
             f"{type(data[e.key]).__name__} cannot be pickled ({e.exc}) ({_where(eng)})"
         ) from e.exc
+
+
+if fastpub is not None:
+    # the C path first (the running task's sender, _fastpub.set_current), this function for
+    # everything it does not take; it looks and pickles like this function
+    publish_data = functools.update_wrapper(fastpub.Publisher(publish_data), publish_data)
 
 
 def _key_error(key, eng) -> PublishError:

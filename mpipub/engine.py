@@ -22,10 +22,14 @@ from .errors import TaskAborted
 from .sender import Sender
 
 #: Idle polling: first sleep, growth factor and longest sleep (seconds). The longest sleep
-#: bounds how long an idle engine takes to notice a task; see benchmarks/ for CPU vs latency.
+#: bounds how long an idle engine takes to notice a task. Measured (benchmarks/, row 5, with
+#: wire.improbe's second probe): an idle engine starts a task 1.3-1.5 ms after it is sent
+#: with 2 ms sleeps, 1.8-2.0 ms with 3 ms, 2.3-2.5 ms with 4 ms; each wake-up costs 20-50 us
+#: of CPU on these VMs, so idle engines cost 1.0-2.5% of a core with 2 ms, 0.8-1.3% with
+#: 4 ms. Oversubscribed nodes pay that per idle engine: 4 ms.
 POLL_MIN_S = 20e-6
 POLL_GROWTH = 1.5
-POLL_MAX_S = float(os.environ.get("MPIPUB_ENGINE_POLL_MAX_S", "0.002"))
+POLL_MAX_S = float(os.environ.get("MPIPUB_ENGINE_POLL_MAX_S", "0.004"))
 
 #: Bound on what one engine has sent and the client has not received yet (bytes, and
 #: publications; two messages may always be in flight, see wire.Outbox); past it
@@ -43,9 +47,14 @@ MAX_OUTSTANDING_COUNT = int(os.environ.get("MPIPUB_MAX_OUTSTANDING_COUNT", "1024
 ABORT_POLL_S = 0.05
 
 _current: Engine | None = None
-#: While a task runs: the sender's C publish path (sender.Sender.fast_path), which
-#: publish_data tries first; None when it is not built or cannot take this task's data.
-fast_publish = None
+
+
+def fast_path_on() -> bool:
+    """Whether publish_data takes the C path now (sender.Sender.start_fast_path): during a
+    task, once numpy is imported, where _fastpub is built and can take the task's data."""
+    from .packing import fastpub
+
+    return fastpub is not None and fastpub.current() is not None
 
 
 def _cloudpickle():
@@ -136,7 +145,7 @@ class Engine:
         self.deferred_signal: int | None = None
 
     # The running task and its publications so far live on the sender, where its C publish
-    # path (sender.Sender.fast_path) counts them too.
+    # path (sender.Sender.start_fast_path) counts them too.
     @property
     def task_id(self) -> int | None:
         return self.sender.task_id
@@ -157,7 +166,6 @@ class Engine:
     def publish(self, data, copy: bool) -> None:
         """One publish_data call: read aborts now and then, then hand ``data`` to the sender.
         Raises packing.ValueNotSendable for a value that cannot be serialised."""
-        global fast_publish
         sender = self.sender
         t = time.time()
         if t >= sender.next_abort_poll:
@@ -169,9 +177,9 @@ class Engine:
             sender.step += 1
         finally:
             self.sending = False
-        if fast_publish is None and self.busy and (
+        if not sender.fast_on and self.busy and (
                 self.check_value is None or sender.sink_checks):
-            fast_publish = sender.fast_path()  # (once numpy is imported)
+            sender.start_fast_path()  # (once numpy is imported)
         if self.deferred_signal is not None:
             self._raise_deferred()
 
@@ -194,7 +202,7 @@ class Engine:
 
     # -- control from the client ------------------------------------------------------------
     def _recv(self, tag: int):
-        msg = self.comm.improbe(CLIENT_RANK, tag, self._status)
+        msg = wire.improbe(self.comm, CLIENT_RANK, tag, self._status)
         if msg is None:
             return None
         return wire.recv_message(self.comm, self.MPI, msg, self._status, TAG_CBUF)
@@ -259,7 +267,6 @@ class Engine:
 
     # -- running a task ---------------------------------------------------------------------
     def run_task(self, m: wire.Message) -> None:
-        global fast_publish
         self.task_id = m.task_id
         self.step = 0
         self.aborted = {t: r for t, r in self.aborted.items() if t >= m.task_id}
@@ -284,7 +291,7 @@ class Engine:
             ok = False
             value = self._error_info(exc)
         finally:
-            fast_publish = None
+            self.sender.stop_fast_path()
             self.busy = False
             for s in (sys.stdout, sys.stderr):
                 if isinstance(s, _ForwardedStream):

@@ -65,6 +65,7 @@ class IOThread(threading.Thread):
         sleep = POLL_MIN_S
         outq, outbox, route = self.outq, self.outbox, self.route
         alloc = self.recv_pool.take
+        improbe = wire.improbe
         while True:
             worked = False
             while outq:
@@ -77,7 +78,7 @@ class IOThread(threading.Thread):
                 outbox.flush()
                 return
             for _ in range(BATCH):
-                msg = comm.improbe(any_source, TAG_MSG, status)
+                msg = improbe(comm, any_source, TAG_MSG, status)
                 if msg is None:
                     break
                 route(wire.recv_message(comm, MPI, msg, status, TAG_BUF, alloc))

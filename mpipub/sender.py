@@ -100,16 +100,24 @@ class Sender(object if fastpub is None else fastpub.SenderBase):  # type: ignore
         self.wakes_at = _NEVER  # when the flusher looks next by itself (_IDLE: never)
         self._closing = False
         self._fast_ready = False
+        self.fast_on = False  # publish_data's C path publishes through this sender
         self._thread = threading.Thread(target=self._run, name="mpipub-flusher", daemon=True)
         self._thread.start()
 
     # -- the task's thread ----------------------------------------------------------------------
-    def fast_path(self):
-        """``fast_publish`` once it can run (numpy imported, so arrays can be recognised),
-        else None; publish_data tries it first."""
+    def start_fast_path(self) -> None:
+        """Let publish_data take the C path through this sender (``fast_publish``), once it
+        can run (numpy imported, so arrays can be recognised); until stop_fast_path."""
         if not self._fast_ready:
             self._fast_ready = configure_fastpub()
-        return self.fast_publish if self._fast_ready else None
+        if self._fast_ready:
+            fastpub.set_current(self)
+            self.fast_on = True
+
+    def stop_fast_path(self) -> None:
+        if self.fast_on:
+            fastpub.set_current(None)
+            self.fast_on = False
 
     def publish(self, task_id: int, step: int, t: float, data, copy: bool) -> None:
         """Add one publication (raises packing.ValueNotSendable naming the key)."""

@@ -191,6 +191,53 @@ def test_the_c_path_steps_aside_when_it_must(configured):
 
 
 @needs_c
+def test_publish_data_is_the_c_path_first_and_the_python_function_for_the_rest(configured):
+    """The public publish_data (a _fastpub.Publisher): plain data through the current sender's
+    C path, everything else (and every call while no task runs) to the Python function, with
+    the caller's arguments as given; it looks and pickles like that function."""
+    import inspect
+    import pickle
+
+    import cloudpickle
+
+    from mpipub import datapub, publish_data
+
+    assert isinstance(publish_data, fastpub.Publisher) and publish_data is datapub.publish_data
+    py = publish_data.fallback
+    assert inspect.signature(publish_data) == inspect.signature(py)
+    assert publish_data.__name__ == "publish_data" and publish_data.__doc__ == py.__doc__
+    for dumps, loads in ((pickle.dumps, pickle.loads), (cloudpickle.dumps, cloudpickle.loads)):
+        assert loads(dumps(publish_data)) is publish_data  # (by reference, as a function)
+
+    calls = []
+    pub = fastpub.Publisher(lambda *a, **kw: calls.append((a, kw)) or "python")
+    s = _Sender()
+    a = np.ones(100)
+    packing.Batch(1, wire.BufferPool()).add(0, 0.0, {"a": a}, True)  # (dtype cache)
+    assert pub({"a": a}) == "python" and s.step == 0  # no current sender: Python's
+    assert calls == [(({"a": a},), {})]
+    calls.clear()
+    fastpub.set_current(s)
+    try:
+        assert fastpub.current() is s
+        assert pub({"a": a}) is None and pub({"a": a}, copy=True) is None
+        assert s.step == 2 and len(s.batch.pubs) == 2 and not calls  # taken by C
+        big = np.ones(packing.ZERO_COPY_MIN // 8)
+        for args, kw in [(({"a": [1]},), {}),  # not plain
+                         (({"big": big},), {"copy": False}),  # zero-copy is Python's
+                         (({"a": a},), {"copy": True, "other": 1}),  # Python's TypeError
+                         ((), {"data": {"a": a}}), (({"a": a}, False), {})]:
+            calls.clear()
+            assert pub(*args, **kw) == "python" and calls == [(args, kw)], (args, kw)
+        assert s.step == 2
+        with pytest.raises(TypeError):
+            fastpub.set_current(object())
+    finally:
+        fastpub.set_current(None)
+    assert fastpub.current() is None and pub({"a": a}) == "python"
+
+
+@needs_c
 def test_c_and_python_publications_share_one_batch_and_slab(configured):
     s, ref = _Sender(), packing.Batch(7, wire.BufferPool())
     # four arrays fill a slab (with their padding) but not a batch (BATCH_BYTES)
@@ -283,7 +330,7 @@ def test_engines_publish_the_same_with_and_without_the_c_path(mpi_script, pure):
                 publish_data(d)
                 a[:] = -1  # changed right after the call returns
                 m[:] = -1
-                fast_seen |= engine.fast_publish is not None
+                fast_seen |= engine.fast_path_on()
                 if i % 50 == 49:
                     time.sleep(0.01)  # the flusher goes idle, then expects the next step
             return fast_seen
@@ -326,7 +373,7 @@ def test_a_sink_gets_every_step_through_the_c_path_and_refusals_stay_exact(mpi_s
                 a[:] = i
                 publish_data({{"a": a, "i": i, "name": "x" * (i % 3)}})
                 a[:] = -1
-            fast = engine.fast_publish is not None
+            fast = engine.fast_path_on()
             try:
                 publish_data({{"bad": None}})
             except PublishError as e:

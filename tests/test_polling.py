@@ -7,6 +7,8 @@ These are behaviour checks with generous bounds (CI machines are noisy), not ben
 
 from __future__ import annotations
 
+from conftest import ok
+
 
 def test_idle_engines_use_little_cpu_and_start_tasks_fast(mpi_script):
     job = mpi_script("""
@@ -45,6 +47,37 @@ def test_idle_engines_use_little_cpu_and_start_tasks_fast(mpi_script):
     """, nranks=5, timeout=90)
     assert job.returncode == 0, job.output
     assert "DONE" in job.stdout, job.output
+
+
+def test_one_probe_after_a_pause_sees_a_message_that_is_already_there(mpi_script):
+    """wire.improbe, which idle engines and rank 0's I/O thread call once per wake-up, finds
+    a message delivered while the receiver slept. (A bare MPICH improbe matches before it
+    makes progress and misses it; an idle engine then noticed tasks one sleep late.)"""
+    job = mpi_script("""
+        import time
+        from mpi4py import MPI
+        from mpipub import wire
+
+        comm = MPI.COMM_WORLD.Dup()
+        status = MPI.Status()
+        found = 0
+        for i in range(20):
+            comm.Barrier()
+            if comm.rank == 0:
+                comm.send(i, 1, 9)  # (small: delivered eagerly while rank 1 sleeps)
+            else:
+                time.sleep(0.05)
+                msg = wire.improbe(comm, 0, 9, status)
+                if msg is not None:
+                    assert msg.recv() == i
+                    found += 1
+                else:
+                    assert comm.recv(source=0, tag=9) == i
+            comm.Barrier()
+        if comm.rank == 1:
+            print(f"FOUND {found} of 20 on the first call")
+    """, nranks=2, timeout=60)
+    ok(job, "FOUND 20 of 20")
 
 
 def test_abort_reaches_a_publishing_task_promptly(mpi_script):
