@@ -62,6 +62,19 @@ def _log(msg: str) -> None:
     sys.stderr.flush()
 
 
+def _compile_bytecode() -> None:
+    """Compile mpipub's modules now, so that every job imports its bytecode as an installed
+    package does (pip compiles at install time). A checkout run with PYTHONDONTWRITEBYTECODE
+    set would otherwise compile every module in every rank of every job: here that made row 6
+    1.5x instead of 1.3x, and it is not what a user's job pays. Nothing is written where the
+    package is not writable (an installed copy has its bytecode already)."""
+    import compileall
+
+    import mpipub
+
+    compileall.compile_dir(os.path.dirname(mpipub.__file__), quiet=2)
+
+
 def _env() -> dict:
     env = dict(os.environ)
     env.setdefault("MPLBACKEND", "Agg")
@@ -488,6 +501,7 @@ def main(argv=None) -> int:
     groups = args.only.split(",") if args.only else list(GROUPS)
     if args.quick:
         groups = [g for g in groups if g != "ipp"]
+    _compile_bytecode()
     rows: list = []
     raw: list = []
     t0 = time.time()
