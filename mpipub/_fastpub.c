@@ -524,6 +524,9 @@ static PyTypeObject SenderBase_Type = {
  * row 3). It looks like the Python function (functools.update_wrapper: __doc__, __name__,
  * __wrapped__ for inspect.signature) and pickles by reference, as the function does. */
 static PyObject *current_sender;  /* the running task's sender (SenderBase), or NULL */
+static unsigned long current_thread;  /* the thread that runs the task (set_current's caller):
+                                       * other threads take the Python path, which tells a
+                                       * thread that outlived its task from one of this task */
 static PyObject *str_copy;
 
 typedef struct {
@@ -537,7 +540,7 @@ static PyObject *publisher_vectorcall(Publisher *self, PyObject *const *args, si
                                       PyObject *kwnames) {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     PyObject *sender = current_sender;
-    if (sender != NULL && nargs == 1) {
+    if (sender != NULL && nargs == 1 && PyThread_get_thread_ident() == current_thread) {
         int copy = 1;
         Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
         if (nkw == 1 && PyUnicode_Check(PyTuple_GET_ITEM(kwnames, 0)) &&
@@ -641,6 +644,7 @@ static PyObject *set_current(PyObject *mod, PyObject *sender) {
     }
     Py_INCREF(sender);
     Py_XSETREF(current_sender, sender);
+    current_thread = PyThread_get_thread_ident();
     Py_RETURN_NONE;
 }
 

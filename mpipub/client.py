@@ -7,7 +7,7 @@ then ends the process (status 0), so the same script runs unchanged on every ran
 
 from __future__ import annotations
 
-import atexit
+import collections
 import itertools
 import os
 import signal
@@ -18,8 +18,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Callable
 
 from . import comm as _comm
+from . import ending, wire
 from . import engine as _engine
-from . import wire
 from .asyncresult import AsyncMapResult, AsyncResult, TaskRecord, decode_batch
 from .comm import CLIENT_RANK, TAG_ABORT, TAG_CBUF, TAG_CTRL
 from .errors import MpipubError
@@ -52,6 +52,9 @@ class _Runtime:
         self.closed = False
         self.sinks: list = []
         self.failed_sinks: list = []
+        # tasks finished lately: a signal that reached the engines too may end a task just
+        # before close() looks, and it was cut short all the same
+        self.finished: collections.deque = collections.deque(maxlen=256)
         self.io = IOThread(world, self._route, self._fatal)
         self.io.start()
 
@@ -87,6 +90,7 @@ class _Runtime:
                     s.on_task_end(rec)
                 with self.lock:
                     self.records.pop(m.task_id, None)
+                self.finished.append(rec)
         elif m.kind == wire.OUTPUT:
             rec.on_output(m.source, m.step, m.decode())
 
@@ -135,28 +139,65 @@ class _Runtime:
             self.io.post(enc, e, TAG_ABORT, TAG_CBUF)
 
     # -- closing --------------------------------------------------------------------------------
-    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
-        """Stop every engine and the I/O thread. Running tasks are aborted first; an engine
-        that does not stop within ``timeout`` (a task that never publishes) ends the job with
-        MPI_Abort, so a job never hangs at exit."""
+    def close(self, timeout: float = CLOSE_TIMEOUT_S, why: str | None = None,
+              since: float | None = None) -> None:
+        """Stop every engine and the I/O thread, then close the sinks. Running tasks are
+        aborted first and marked cut short in the sinks (``why``: what ended the job; ``since``:
+        when, so that tasks the same signal ended on the engines are marked too). An
+        engine that does not stop within ``timeout`` (a task that never publishes) ends the
+        job with MPI_Abort, so a job never hangs at exit; a sink still writing what the
+        engines sent is waited for (with progress on stderr), never aborted."""
         if self.closed:
             return
         self.closed = True
+        why = why or "the client closed (its script ended or called close())"
         running = [r for r in list(self.records.values()) if r.pending]
+        cut = list(running)
+        if since is not None:  # and those that a signal ended on the engines meanwhile
+            cut[:0] = [r for r in list(self.finished) if _ended_by_signal(r, since)]
+        for rec in cut:
+            for s in self.sinks:
+                s.on_task_cut_short(rec, why)
         for rec in running:
             busy = [e for e in rec.engines if not rec.state[e].done]
             sys.stderr.write(f"mpipub: closing while task {rec.task_id} ({rec.label}) still "
                              f"runs on engines {busy}; aborting it\n")
-            self.abort(rec.task_id, busy, "because the client closed (its script ended)")
+            self.abort(rec.task_id, busy, f"because {why}")
         stop = wire.encode(wire.STOP, 0, 0, None)
         for e in self.ids:
             self.io.post(stop, e, TAG_CTRL, TAG_CBUF)
+        self._wait_for_engines(timeout)
+        self.io.stop()
+        self.io.join(timeout=5)
+        if cut:
+            sys.stderr.write(f"mpipub: job cut short: {why}; " + "; ".join(
+                f"task {r.task_id} ({r.label}) stopped with " + ", ".join(
+                    f"engine {e} at {_last_step(r, e)}" for e in r.engines) for r in cut)
+                + "\n")
+        self._close_sinks()
+
+    def _wait_for_engines(self, timeout: float) -> None:
+        """Wait for every engine's goodbye. The deadline moves while a sink makes progress:
+        under back-pressure the goodbyes queue behind data the sink has yet to write."""
         deadline = time.monotonic() + timeout
+        progress = self._sink_progress()
+        said = 0.0
         while not self.bye_event.is_set() and self.io.error is None:
-            if time.monotonic() > deadline:
-                missing = sorted(set(self.ids) - self.byes)
-                self._abort_job(f"engines {missing} did not stop within {timeout} s (a task "
-                                "that never calls publish_data cannot be aborted)")
+            now = time.monotonic()
+            if now > deadline:
+                p = self._sink_progress()
+                if p != progress:
+                    progress, deadline = p, now + timeout
+                    if now - said > 2.0:
+                        said = now
+                        queued = sum(s.queued_bytes() for s in self.sinks)
+                        sys.stderr.write(f"mpipub: waiting for the sink to write "
+                                         f"{queued / 2**20:.0f} MiB before the engines can "
+                                         "stop\n")
+                else:
+                    missing = sorted(set(self.ids) - self.byes)
+                    self._abort_job(f"engines {missing} did not stop within {timeout} s (a "
+                                    "task that never calls publish_data cannot be aborted)")
             self.bye_event.wait(0.05)
         if not self.bye_event.is_set():
             # The I/O thread died, so engines' byes (and their pending sends) can no longer be
@@ -164,9 +205,9 @@ class _Runtime:
             missing = sorted(set(self.ids) - self.byes)
             self._abort_job(f"the client's I/O thread failed ({self.io.error!r}) before "
                             f"engines {missing} stopped")
-        self.io.stop()
-        self.io.join(timeout=5)
-        self._close_sinks()
+
+    def _sink_progress(self) -> tuple:
+        return tuple(s.written for s in self.sinks)
 
     def _abort_job(self, why: str) -> None:
         """End the whole job with MPI_Abort, after saying why and closing the sinks."""
@@ -185,6 +226,25 @@ class _Runtime:
                 self.failed_sinks.append(s)
                 sys.stderr.write(f"mpipub: closing sink {s!r} failed: {exc!r}\n")
         self.sinks = []
+
+
+def _ended_by_signal(rec: TaskRecord, since: float) -> bool:
+    """Whether a finished task was ended by the signal that reached rank 0 at ``since``: an
+    engine that got it too reported KeyboardInterrupt or TaskAborted('... got SIGTERM'), maybe
+    before rank 0's own Python handler ran (hence the slack)."""
+    if rec.finished is None or rec.finished < since - 5.0:
+        return False
+    for st in rec.state.values():
+        err = st.error
+        if err is not None and (err.ename == "KeyboardInterrupt" or (
+                err.ename == "TaskAborted" and " got SIG" in err.evalue)):
+            return True
+    return False
+
+
+def _last_step(rec: TaskRecord, engine: int) -> str:
+    step = rec.state[engine].stats.last_step
+    return "no step published" if step is None else f"step {step}"
 
 
 def _main_file() -> str | None:
@@ -249,8 +309,8 @@ class Client:
         with _runtime_lock:
             if _runtime is None:
                 _runtime = _Runtime(world, history_bytes)
-                atexit.register(_close_at_exit)
-                _exit_cleanly_on_sigterm()
+                ending.on_exit(_close_at_exit)
+                ending.install_signal_handlers()
             elif _runtime.closed:
                 _runtime.check_open()
         self._rt = _runtime
@@ -259,6 +319,7 @@ class Client:
 
             snk = Sink(sink, world, **sink_options)
             snk.runtime = self._rt  # so a failing sink can tell the engines (abort)
+            snk.while_blocked = self._rt.io.service_outgoing
             self._rt.sinks.append(snk)
         elif sink_options:
             raise TypeError(f"sink options {sorted(sink_options)} given without sink=PATH")
@@ -295,12 +356,24 @@ class Client:
 
 
 def _close_at_exit(exit_code: int | None = None) -> None:
-    """Stop the engines and close sinks at the end of the script (``exit_code``: the
-    script's status when the caller knows it)."""
+    """The end of rank 0 (see mpipub.ending): stop the engines and close the sinks, once,
+    however the script ended (``exit_code``: the script's status when the caller knows it)."""
+    if not ending.begin_shutdown():
+        return
+    if threading.current_thread() is threading.main_thread():
+        # a Ctrl-C now would tear the sink's file mid-write: note it, finish closing
+        signal.signal(signal.SIGINT, _note_interrupt_while_closing)
     rt = _runtime
+    signum, since = ending.cut_by()
+    interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
     if rt is not None and not rt.closed:
-        rt.close()
-    if isinstance(getattr(sys, "last_value", None), KeyboardInterrupt):
+        why = None
+        if signum is not None:
+            why = f"rank 0 got {ending.CUT_SIGNALS.get(signum, ending.signal_name(signum))}"
+        elif interrupted:
+            why = "rank 0 got Ctrl-C (KeyboardInterrupt)"
+        rt.close(why=why, since=since)
+    if interrupted:
         # Python would now kill itself with SIGINT, which mpiexec reports as a crash of the
         # whole job (and tears the engines down mid-exit). Finish MPI and exit 130 instead.
         _exit_now(130)
@@ -311,6 +384,11 @@ def _close_at_exit(exit_code: int | None = None) -> None:
         sys.stderr.write(f"mpipub: exiting with status {code} because the sink failed "
                          "(see above); what it flushed before stays readable\n")
         _exit_now(code)
+
+
+def _note_interrupt_while_closing(signum, frame) -> None:
+    sys.stderr.write("mpipub: Ctrl-C while closing: still writing and stopping the engines "
+                     "(SIGKILL ends the job at once, losing what is unwritten)\n")
 
 
 #: After MPI_Finalize, how long rank 0 waits before a fast non-zero exit (seconds).
@@ -327,20 +405,6 @@ def _exit_now(code: int) -> None:
         # non-zero, and then reports status 9 instead of ours: let them finish first.
         time.sleep(EXIT_GRACE_S)
     os._exit(code)
-
-
-def _on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
-
-
-def _exit_cleanly_on_sigterm() -> None:
-    """SIGTERM (scancel, time limits, mpiexec forwarding it) becomes SystemExit(143) on rank 0,
-    so the engines are stopped and a sink is flushed and closed before the job ends."""
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _on_sigterm)
-
-
 
 
 def _targets(key, ids: list[int]) -> list[int] | int:

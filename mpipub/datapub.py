@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from threading import get_ident
 from typing import Any
 
 from . import comm as _comm
@@ -64,6 +65,17 @@ def publish_data(data: Mapping[str, Any], *, copy: bool = True) -> None:
     wrong if the promise is broken); smaller ones are copied anyway, which measured faster.
     """
     eng = _engine._current
+    if eng is not None and get_ident() != eng.task_thread:
+        # a thread of the task's own: published whole before the task's end is decided
+        # (run_task marks the threads it leaves running under this lock)
+        with eng.thread_lock:
+            eng.check_publishing_thread()  # (a thread that outlived its task is refused)
+            _publish(eng, data, copy)
+        return
+    _publish(eng, data, copy)
+
+
+def _publish(eng, data, copy: bool) -> None:
     if eng is None or eng.task_id is None:
         raise _not_in_task_error()
     if type(data) is not dict:

@@ -13,12 +13,14 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import time
 import types
+import weakref
 
 from . import wire
 from .comm import CLIENT_RANK, TAG_ABORT, TAG_CBUF, TAG_CTRL, World
-from .errors import TaskAborted
+from .errors import MpipubError, TaskAborted
 from .sender import Sender
 
 #: Idle polling: first sleep, growth factor and longest sleep (seconds). The longest sleep
@@ -143,6 +145,12 @@ class Engine:
         self.terminating_since: float | None = None
         self.sending = False  # inside outbox.send: a signal is deferred (see _on_signal)
         self.deferred_signal: int | None = None
+        self.task_label = ""  # the running task's function, for messages
+        self.task_thread = threading.get_ident()  # tasks run in the thread that serves
+        # threads a task started and left running when it returned -> (task id, label): a
+        # publication belongs to the task during which it is made, never to the next one
+        self.stray_threads: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.thread_lock = threading.Lock()  # held by other threads' publish_data calls
 
     # The running task and its publications so far live on the sender, where its C publish
     # path (sender.Sender.start_fast_path) counts them too.
@@ -196,6 +204,25 @@ class Engine:
         if self.deferred_signal is not None:
             self._raise_deferred()
 
+    def check_publishing_thread(self) -> None:
+        """publish_data from a thread other than the task's: refuse it if that thread was
+        started by a task that has returned (its data would land in another task)."""
+        th = threading.current_thread()
+        owner = self.stray_threads.get(th)
+        if owner is None:
+            return
+        task_id, label, warned = owner
+        if not warned:
+            self.stray_threads[th] = (task_id, label, True)
+            sys.__stderr__.write(f"mpipub: engine {self.rank}: thread {th.name!r}, started by "
+                                 f"task {task_id} ({label}), still calls publish_data after "
+                                 "that task returned; its publications are refused\n")
+        raise MpipubError(
+            f"publish_data() called from thread {th.name!r}, which task {task_id} ({label}) "
+            f"started on engine {self.rank} and left running when it returned; a publication "
+            "belongs to the task during which it is made: join the thread before the task "
+            "returns")
+
     def _raise_deferred(self) -> None:
         signum, self.deferred_signal = self.deferred_signal, None
         self._on_signal(signum, None)
@@ -223,8 +250,9 @@ class Engine:
         """Run tasks until the client says stop."""
         global _current
         _current = self
-        old_int = signal.signal(signal.SIGINT, self._on_signal)
-        old_term = signal.signal(signal.SIGTERM, self._on_signal)
+        _announce_deaths(self)
+        old = {sig: signal.signal(sig, self._on_signal)
+               for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
         sleep = POLL_MIN_S
         try:
             while True:
@@ -245,15 +273,16 @@ class Engine:
                 if m.kind == wire.TASK:
                     self.run_task(m)
         finally:
-            signal.signal(signal.SIGINT, old_int)
-            signal.signal(signal.SIGTERM, old_term)
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
             _current = None
             self.sender.close()
 
     def _on_signal(self, signum, frame):
-        """Ctrl-C / SIGTERM reach every rank: a busy task is interrupted (the client gets its
-        error); an idle engine keeps serving until the client, which got the signal too,
-        stops it. This keeps a clean shutdown (and a flushed sink) on rank 0."""
+        """Ctrl-C / SIGTERM / SIGUSR1 (SLURM's time-limit warning) reach every rank: a busy
+        task is interrupted (the client gets its error); an idle engine keeps serving until
+        the client, which got the signal too, stops it. This keeps a clean shutdown (and a
+        flushed sink) on rank 0."""
         if signum == signal.SIGTERM:
             self.terminating_since = time.monotonic()
         if self.sending and self.busy:
@@ -261,8 +290,9 @@ class Engine:
             return
         if self.busy:
             self.busy = False  # a second signal while unwinding is ignored
-            if signum == signal.SIGTERM:
-                raise TaskAborted(f"task {self.task_id} on engine {self.rank} got SIGTERM")
+            if signum != signal.SIGINT:
+                raise TaskAborted(f"task {self.task_id} on engine {self.rank} got "
+                                  f"{signal.Signals(signum).name}")
             raise KeyboardInterrupt
 
     # -- running a task ---------------------------------------------------------------------
@@ -273,8 +303,12 @@ class Engine:
         t0 = time.time()
         ok, value = True, None
         out, err = sys.stdout, sys.stderr
+        threads_before = set(threading.enumerate())
+        label = "a task that could not be decoded"
         try:
             fn, args, kwargs, options = m.decode()
+            label = f"{getattr(fn, '__qualname__', None) or type(fn).__name__}()"
+            self.task_label = label
             self.task_options = options or {}
             self.check_value = self.task_options.get("check_value")
             # the sink's check: the C path takes only values it surely accepts (_fastpub.c)
@@ -285,7 +319,7 @@ class Engine:
             sys.stderr = _ForwardedStream(self, err, 2)
             self.busy = True
             self.poll_aborts()
-            value = fn(*args, **kwargs)
+            value = _call_as_task(m.task_id, self.rank, self.host, label)(fn, args, kwargs)
         except BaseException as exc:  # noqa: BLE001 - every failure is reported, engine lives on
             self.busy = False
             ok = False
@@ -293,6 +327,9 @@ class Engine:
         finally:
             self.sender.stop_fast_path()
             self.busy = False
+            with self.thread_lock:  # (no other thread is inside publish_data now)
+                for th in set(threading.enumerate()) - threads_before:
+                    self.stray_threads[th] = (m.task_id, label, False)
             for s in (sys.stdout, sys.stderr):
                 if isinstance(s, _ForwardedStream):
                     try:
@@ -345,6 +382,49 @@ class Engine:
             new.__qualname__ = fn.__qualname__
             return new
         return fn
+
+
+def _run_user_function(fn, args, kwargs):
+    return fn(*args, **kwargs)
+
+
+def _call_as_task(task_id: int, rank: int, host: str, label: str):
+    """``_run_user_function`` under a name that says where it runs: a segfault's Python
+    traceback (faulthandler) then names the task, the engine and its host."""
+    code = _run_user_function.__code__.replace(
+        co_name=f"<task {task_id} {label} on engine {rank} ({host})>")
+    return types.FunctionType(code, globals())
+
+
+def _announce_deaths(engine: Engine) -> None:
+    """An engine that dies ends the whole job (MPICH's hydra SIGKILLs every rank), and rank 0
+    is killed before it can say which engine it was. So the engine says it: a crash
+    (segfault, abort) prints a Python traceback through faulthandler, whose task frame is
+    named by _call_as_task; ``os._exit`` in a task prints one line first."""
+    import faulthandler
+
+    if not faulthandler.is_enabled():
+        faulthandler.enable(all_threads=True)
+    real_exit = os._exit
+    if getattr(real_exit, "_mpipub", False):
+        return
+    pid = os.getpid()
+
+    def _exit(code: int) -> None:
+        if os.getpid() == pid:  # (not in a child this engine forked)
+            task = (f"task {engine.task_id} ({engine.task_label})"
+                    if engine.task_id is not None else "no task")
+            try:
+                sys.__stderr__.write(f"mpipub: engine {engine.rank} ({engine.host}) is exiting "
+                                     f"with os._exit({code}) during {task}; the MPI launcher "
+                                     "ends the whole job when one rank exits\n")
+                sys.__stderr__.flush()
+            except Exception:  # noqa: BLE001 - never keep a process from exiting
+                pass
+        real_exit(code)
+
+    _exit._mpipub = True  # type: ignore[attr-defined]
+    os._exit = _exit
 
 
 def _with_filename(code: types.CodeType, path: str) -> types.CodeType:

@@ -50,6 +50,19 @@ class IOThread(threading.Thread):
         self._stop_flag = True
         self.wake.set()
 
+    def service_outgoing(self) -> bool:
+        """Post the queued client messages and progress those in flight (I/O thread only:
+        its loop, and the sink while back-pressure holds the thread). True if any posted."""
+        outq, outbox = self.outq, self.outbox
+        worked = False
+        while outq:
+            enc, dest, th, tb = outq.popleft()
+            outbox.send(enc, dest, th, tb)
+            worked = True
+        if len(outbox):
+            outbox.progress()
+        return worked
+
     def run(self) -> None:
         try:
             self._loop()
@@ -66,14 +79,9 @@ class IOThread(threading.Thread):
         outq, outbox, route = self.outq, self.outbox, self.route
         alloc = self.recv_pool.take
         improbe = wire.improbe
+        service_outgoing = self.service_outgoing
         while True:
-            worked = False
-            while outq:
-                enc, dest, th, tb = outq.popleft()
-                outbox.send(enc, dest, th, tb)
-                worked = True
-            if len(outbox):
-                outbox.progress()
+            worked = service_outgoing()
             if self._stop_flag and not outq:
                 outbox.flush()
                 return

@@ -174,6 +174,9 @@ class Sink:
             a["hosts"] = json.dumps(list(world.hosts))
         self.f.swmr_mode = True
         self.runtime = None  # set by the client: used to abort tasks when writing fails
+        #: set by the client: called by the I/O thread while back-pressure blocks it in _put,
+        #: so that the client's messages to engines (aborts, stops) never wait for the disk
+        self.while_blocked = None
         self.error: SinkError | None = None
         self.peak_queue_bytes = 0
         self.peak_queue_items = 0
@@ -236,6 +239,13 @@ class Sink:
     def on_task_end(self, rec) -> None:
         self._put(("end", rec.task_id, rec.finished or time.time()), 0)
 
+    def on_task_cut_short(self, rec, why: str) -> None:
+        """The job is ending while ``rec`` runs: its group gets ``cut_short = why``."""
+        self._put(("cut", rec.task_id, why), 0)
+
+    def queued_bytes(self) -> int:
+        return self._qbytes
+
     def close(self) -> None:
         """Write what is queued, flush and close the file."""
         if self._closed:
@@ -262,7 +272,13 @@ class Sink:
                 if not self._urgent:  # back-pressure: the writer takes what is queued now
                     self._urgent = True
                     cv.notify_all()
-                cv.wait(0.1)  # back-pressure: the I/O thread stops receiving
+                cv.wait(0.005)  # back-pressure: the I/O thread stops receiving...
+                if self.while_blocked is not None:  # ...but still sends (aborts, stops)
+                    cv.release()
+                    try:
+                        self.while_blocked()
+                    finally:
+                        cv.acquire()
             if self.error is not None or not self._thread.is_alive():
                 return  # writing failed (reported): drop, never block forever
             wake = not q
@@ -427,7 +443,7 @@ class Sink:
                     rows[s.data_path].append((s, step, value))
             elif kind == "start":
                 self._new_task(item[1], creates)
-            elif kind == "end":
+            elif kind == "end" or kind == "cut":
                 ends.append(item)
         if creates:
             self._restructure(creates)
@@ -452,10 +468,10 @@ class Sink:
         if rows:
             self._last = self._where[2:-1]
         self._where = ""
-        for _, task, t_end in ends:
+        for kind, task, value in ends:
             g = self._tasks.get(task)
             if g is not None:
-                self.f[g].attrs["end"] = t_end
+                self.f[g].attrs["end" if kind == "end" else "cut_short"] = value
         if self._delay_s:
             time.sleep(self._delay_s * sum(len(v) for v in eng_rows.values()))
         return bool(ends)

@@ -1,0 +1,101 @@
+"""How rank 0 ends: one shutdown, run once, in an order mpipub owns, however the script ends.
+
+The client's shutdown (abort running tasks, stop the engines, write and close the sink) runs
+from ``threading``'s exit hook, which Python calls when the main thread is done and *before*
+any ``atexit`` handler. An ``atexit`` handler would run after those of libraries imported later
+(h5py's, registered at its first import inside ``Client(sink=...)``, unregisters its type
+converters: a sink closed after it could not write its last task, and broke its file).
+
+Signals that end a job: SIGTERM (``scancel``, ``kill``, mpiexec forwarding it) and SIGUSR1
+(SLURM's ``--signal=USR1@LEAD`` warning before a time limit) become ``SystemExit(128 + signum)``
+in the main thread, so the user's code unwinds and the shutdown runs: running tasks are
+aborted, their tasks marked cut short in the sink, and rank 0 says so in one line. A signal
+that arrives while the shutdown already runs is noted, never raised into it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import signal
+import sys
+import threading
+import time
+from typing import Callable
+
+#: The signals that cut a job short on rank 0, and how rank 0 names them.
+CUT_SIGNALS = {
+    signal.SIGTERM: "SIGTERM (scancel, a time limit or kill)",
+    signal.SIGUSR1: "SIGUSR1 (SLURM's warning before the time limit)",
+    signal.SIGINT: "Ctrl-C (SIGINT)",
+}
+
+_state: dict = {"shutting_down": False, "signal": None, "since": None}
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def cut_by() -> tuple[int | None, float | None]:
+    """The first signal that reached rank 0 (or None) and when (time.time())."""
+    return _state["signal"], _state["since"]
+
+
+def shutting_down() -> bool:
+    return _state["shutting_down"]
+
+
+def begin_shutdown() -> bool:
+    """Mark the shutdown as begun; False if it already had (it runs once)."""
+    if _state["shutting_down"]:
+        return False
+    _state["shutting_down"] = True
+    return True
+
+
+def on_exit(fn: Callable[[], None]) -> None:
+    """Run ``fn`` when the main thread is done, before every ``atexit`` handler."""
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(fn)
+            return
+        except RuntimeError:  # the interpreter is already shutting down
+            pass
+    atexit.register(fn)  # (Pythons without the hook; runs before handlers registered earlier)
+
+
+def _note(signum: int) -> bool:
+    first = _state["signal"] is None
+    if first:
+        _state["signal"], _state["since"] = signum, time.time()
+    return first
+
+
+def _on_sigint(signum, frame):
+    """Python's own Ctrl-C (KeyboardInterrupt), with the time noted."""
+    _note(signum)
+    raise KeyboardInterrupt
+
+
+def _on_signal(signum, frame):
+    first = _note(signum)
+    if _state["shutting_down"]:
+        if not first:
+            sys.stderr.write(f"mpipub: {signal_name(signum)} again while closing; still "
+                             "closing (SIGKILL ends the job at once, losing what is unwritten)\n")
+            sys.stderr.flush()
+        return
+    raise SystemExit(128 + signum)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGUSR1 end rank 0 through the shutdown, and Ctrl-C's time is noted
+    (where nobody else handles them)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, _on_signal)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
