@@ -21,7 +21,7 @@ from . import comm as _comm
 from . import engine as _engine
 from . import wire
 from .asyncresult import AsyncMapResult, AsyncResult, TaskRecord, decode_batch
-from .comm import CLIENT_RANK, TAG_ABORT, TAG_CBUF, TAG_CTRL
+from .comm import CLIENT_RANK, TAG_CBUF, TAG_CTRL
 from .errors import MpipubError
 from .iothread import IOThread
 
@@ -129,10 +129,12 @@ class _Runtime:
         return result_cls(self, rec, single)
 
     def abort(self, task_id: int, engines: Iterable[int], reason: str | None = None) -> None:
-        """Ask ``engines`` to stop ``task_id``; ``reason`` ends up in their TaskAborted."""
+        """Ask ``engines`` to stop ``task_id``; ``reason`` ends up in their TaskAborted.
+        Sent on the tasks' tag, after the task itself (the I/O thread posts in order), so an
+        engine sees the abort before it starts the task whenever it has arrived by then."""
         enc = wire.encode(wire.ABORT, task_id, 0, reason)
         for e in engines:
-            self.io.post(enc, e, TAG_ABORT, TAG_CBUF)
+            self.io.post(enc, e, TAG_CTRL, TAG_CBUF)
 
     # -- closing --------------------------------------------------------------------------------
     def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
