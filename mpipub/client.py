@@ -388,21 +388,21 @@ class DirectView:
         p = (fn, args, kwargs)
         return self._rt.submit(self.targets, [p] * len(self.targets), label, self._single)
 
-    def apply_async(self, f: Callable, *args: Any, **kwargs: Any) -> AsyncResult:
+    def apply_async(self, f: Callable, /, *args: Any, **kwargs: Any) -> AsyncResult:
         """Run ``f(*args, **kwargs)`` on every engine of the view; return at once."""
         return self._apply(f, args, kwargs)
 
-    def apply_sync(self, f: Callable, *args: Any, **kwargs: Any) -> Any:
+    def apply_sync(self, f: Callable, /, *args: Any, **kwargs: Any) -> Any:
         """Run ``f(*args, **kwargs)`` on every engine and wait for the results."""
         return self._apply(f, args, kwargs).get()
 
-    def apply(self, f: Callable, *args: Any, **kwargs: Any) -> Any:
+    def apply(self, f: Callable, /, *args: Any, **kwargs: Any) -> Any:
         """``apply_sync`` if ``self.block`` else ``apply_async``."""
         ar = self._apply(f, args, kwargs)
         return ar.get() if self.block else ar
 
     # -- map ------------------------------------------------------------------------------------
-    def map_async(self, f: Callable, *sequences: Sequence) -> AsyncMapResult:
+    def map_async(self, f: Callable, /, *sequences: Sequence) -> AsyncMapResult:
         """Split the sequences across the view's engines in contiguous chunks; ``get()``
         returns ``[f(*xs) for xs in zip(*sequences)]`` in input order."""
         if not sequences:
@@ -415,10 +415,10 @@ class DirectView:
         payloads = [(_engine.run_map, (f, c), {}) for c in chunks]
         return self._rt.submit(targets, payloads, f"map({_describe(f)})", False, AsyncMapResult)
 
-    def map_sync(self, f: Callable, *sequences: Sequence) -> list:
+    def map_sync(self, f: Callable, /, *sequences: Sequence) -> list:
         return self.map_async(f, *sequences).get()
 
-    def map(self, f: Callable, *sequences: Sequence):
+    def map(self, f: Callable, /, *sequences: Sequence):
         ar = self.map_async(f, *sequences)
         return ar.get() if self.block else ar
 

@@ -387,7 +387,10 @@ def run_execute(code: str) -> None:
 
 
 def run_push(values: dict) -> None:
-    _ns().update(values)
+    # functions from __main__ run in the engine's namespace, also when code run by execute()
+    # calls them by the pushed name (as they do through apply)
+    bind = _current._bind  # type: ignore[union-attr]
+    _ns().update({k: bind(v) for k, v in values.items()})
 
 
 def run_pull(names):
