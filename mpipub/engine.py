@@ -375,34 +375,3 @@ def _with_filename(code: types.CodeType, path: str) -> types.CodeType:
     consts = tuple(_with_filename(c, path) if isinstance(c, types.CodeType) else c
                    for c in code.co_consts)
     return code.replace(co_filename=path, co_consts=consts)
-
-
-# -- tasks the client's views send (importable, so they travel by reference) --------------------
-def _ns() -> dict:
-    return _current.namespace  # type: ignore[union-attr]
-
-
-def run_execute(code: str) -> None:
-    exec(compile(code, f"<execute on engine {_current.rank}>", "exec"), _ns())  # type: ignore[union-attr]
-
-
-def run_push(values: dict) -> None:
-    # functions from __main__ run in the engine's namespace, also when code run by execute()
-    # calls them by the pushed name (as they do through apply)
-    bind = _current._bind  # type: ignore[union-attr]
-    _ns().update({k: bind(v) for k, v in values.items()})
-
-
-def run_pull(names):
-    ns = _ns()
-    missing = [n for n in ([names] if isinstance(names, str) else names) if n not in ns]
-    if missing:
-        raise NameError(f"name(s) {missing} not defined on engine {_current.rank}")  # type: ignore[union-attr]
-    if isinstance(names, str):
-        return ns[names]
-    return [ns[n] for n in names]
-
-
-def run_map(fn, arg_tuples: list) -> list:
-    f = _current._bind(fn)  # type: ignore[union-attr]
-    return [f(*a) for a in arg_tuples]
