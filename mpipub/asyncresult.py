@@ -426,6 +426,23 @@ class AsyncResult:
             raise CompositeError.of(errors)
         return self._result_value()
 
+    # concurrent.futures.Future's names (ipyparallel's AsyncResult is a Future)
+    def result(self, timeout: float | None = None) -> Any:
+        """``get(timeout)``."""
+        return self.get(timeout)
+
+    def done(self) -> bool:
+        """``ready()``."""
+        return self.ready()
+
+    def exception(self, timeout: float | None = None) -> RemoteError | None:
+        """The error ``get()`` would raise once done (None if every engine succeeded)."""
+        try:
+            self.get(timeout)
+        except RemoteError as e:
+            return e
+        return None
+
     def get_dict(self, timeout: float | None = None) -> dict:
         """``{engine_id: result}`` (raises as ``get()`` does)."""
         self.get(timeout)

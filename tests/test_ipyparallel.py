@@ -163,6 +163,8 @@ def test_asyncresult_as_a_container_metadata_and_times(mpi_script):
         assert isinstance(bad.metadata[0]['error'], RemoteError)
         bad.wait_interactive(timeout=20, return_when='FIRST_EXCEPTION')
         # get(return_exceptions=True): errors in place of results
+        assert isinstance(bad.exception(timeout=20), CompositeError) and bad.done()
+        assert slow.result(timeout=20) == [10, 20, 30] and slow.exception() is None
         out = bad.get(timeout=20, return_exceptions=True)
         assert isinstance(out[0], RemoteError) and out[1:] == [20, 30], out
         assert slow.get(timeout=20) == [10, 20, 30]
