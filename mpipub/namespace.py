@@ -141,4 +141,6 @@ def run_map(fn, arg_tuples: list) -> list:
     eng = _engine()
     ns = eng.namespace
     f = eng._bind(resolve(fn, ns, eng.rank))
+    if not contains_reference(arg_tuples):  # (resolve copies every list it walks)
+        return [f(*a) for a in arg_tuples]
     return [f(*resolve(a, ns, eng.rank)) for a in arg_tuples]
