@@ -16,6 +16,7 @@ _WHERE = {
     "engine_comm": "datapub", "publish_data": "datapub", "CompositeError": "errors",
     "LaunchError": "errors", "MpipubError": "errors", "PublishError": "errors",
     "RemoteError": "errors", "TaskAborted": "errors", "open": "reader", "Run": "reader",
+    "Reference": "namespace",
 }
 
 
@@ -47,6 +48,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         RemoteError,
         TaskAborted,
     )
+    from .namespace import Reference
     from .reader import Run, open
 
 __all__ = [
@@ -60,6 +62,7 @@ __all__ = [
     "MpipubError",
     "Publication",
     "PublishError",
+    "Reference",
     "RemoteError",
     "Run",
     "TaskAborted",

@@ -10,6 +10,7 @@ in place.
 from __future__ import annotations
 
 import collections
+import datetime
 import sys
 import threading
 import time
@@ -19,6 +20,18 @@ from typing import Any
 
 from .errors import CompositeError, MpipubError, RemoteError
 from .packing import latest, unpack
+
+#: ``AsyncResult.wait(return_when=...)``: the same strings as ``concurrent.futures``' constants,
+#: so ``concurrent.futures.FIRST_EXCEPTION`` works as well.
+ALL_COMPLETED = "ALL_COMPLETED"
+FIRST_COMPLETED = "FIRST_COMPLETED"
+FIRST_EXCEPTION = "FIRST_EXCEPTION"
+_RETURN_WHEN = (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION)
+
+
+def _datetime(t: float | None) -> datetime.datetime | None:
+    return None if t is None else datetime.datetime.fromtimestamp(t)
+
 
 _SLICE_S = 0.1  # longest uninterrupted wait in the user's thread
 
@@ -183,6 +196,7 @@ class TaskRecord:
         self.engines = list(engines)
         self.hosts = hosts
         self.label = label
+        self.counts: dict[int, int] = {}  # map: items per engine
         self.submitted = time.time()
         self.finished: float | None = None
         self.state = {e: _EngineState() for e in engines}
@@ -275,7 +289,9 @@ class TaskRecord:
                 st.value = value
             else:
                 ename, evalue, tb = value
-                st.error = RemoteError(engine, self.hosts[engine], ename, evalue, tb)
+                method = "execute" if self.label == "execute()" else "apply"
+                st.error = RemoteError.from_engine(engine, self.hosts[engine], ename, evalue, tb,
+                                                   method)
             st.done = True
             self.pending -= 1
             if self.pending == 0:
@@ -348,43 +364,220 @@ class AsyncResult:
         """True when every engine has returned (a result or an error)."""
         return self._rec.pending == 0
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait until ready or ``timeout`` seconds; return ready(). Interruptible."""
+    def wait(self, timeout: float | None = None, return_when: str = ALL_COMPLETED) -> bool:
+        """Wait until ready or ``timeout`` seconds; return ready(). Interruptible.
+
+        ``return_when`` (as ``concurrent.futures.wait``): ``"ALL_COMPLETED"`` (default),
+        ``"FIRST_COMPLETED"`` (any engine returned) or ``"FIRST_EXCEPTION"`` (any engine
+        failed, or all returned)."""
+        if return_when not in _RETURN_WHEN:
+            raise ValueError(f"return_when must be one of {_RETURN_WHEN}, not {return_when!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
         rec = self._rec
         with rec.cond:
-            while rec.pending:
+            while not self._reached(return_when):
                 self._check_io()
                 left = _SLICE_S if deadline is None else min(_SLICE_S, deadline - time.monotonic())
                 if left <= 0:
-                    return False
+                    return self.ready()
                 rec.cond.wait(left)
-        return True
+        return self.ready()
+
+    def _reached(self, return_when: str) -> bool:
+        rec = self._rec
+        if not rec.pending:
+            return True
+        states = [rec.state[e] for e in rec.engines]
+        if return_when == FIRST_COMPLETED:
+            return any(st.done for st in states)
+        if return_when == FIRST_EXCEPTION:
+            return any(st.error is not None for st in states)
+        return False
+
+    def wait_for_output(self, timeout: float | None = None) -> bool:
+        """Wait until every engine's output has arrived: an engine's output always reaches
+        the client before its result, so this is ``wait(timeout)``."""
+        return self.wait(timeout)
 
     def _check_io(self) -> None:
         if self._rec.io_error is not None:
             raise MpipubError(f"the client's I/O thread failed: {self._rec.io_error!r}; "
                               "task results can no longer arrive") from self._rec.io_error
 
-    def get(self, timeout: float | None = None) -> Any:
+    def get(self, timeout: float | None = None, return_exceptions: bool = False) -> Any:
         """Wait for the result(s): a list in engine order (one value for a single engine).
 
-        Raises ``TimeoutError`` after ``timeout`` seconds, ``RemoteError`` if one engine failed
-        and ``CompositeError`` (a RemoteError) listing each engine if several did."""
+        Raises ``TimeoutError`` after ``timeout`` seconds; ``RemoteError`` if the task of a
+        single-engine view failed, ``CompositeError`` (a RemoteError) listing each failed
+        engine for a view of several (also when one of them failed). With
+        ``return_exceptions=True`` each failed engine's RemoteError takes its result's place
+        instead of being raised."""
         if not self.wait(timeout):
             done = sum(self._rec.state[e].done for e in self._rec.engines)
             raise TimeoutError(f"task {self.task_id} ({self._rec.label}) not done after "
                                f"{timeout} s: {done} of {len(self._rec.engines)} engines finished")
+        if return_exceptions:
+            return self._result_value(errors_as_values=True)
         errors = [self._rec.state[e].error for e in self._rec.engines
                   if self._rec.state[e].error is not None]
-        if len(errors) == 1:
-            raise errors[0]
         if errors:
-            raise CompositeError(errors)
+            if self._single:
+                raise errors[0]
+            raise CompositeError.of(errors)
         return self._result_value()
 
-    def _result_value(self):
-        return self._per_engine([self._rec.state[e].value for e in self._rec.engines])
+    # concurrent.futures.Future's names (ipyparallel's AsyncResult is a Future)
+    def result(self, timeout: float | None = None) -> Any:
+        """``get(timeout)``."""
+        return self.get(timeout)
+
+    def done(self) -> bool:
+        """``ready()``."""
+        return self.ready()
+
+    def exception(self, timeout: float | None = None) -> RemoteError | None:
+        """The error ``get()`` would raise once done (None if every engine succeeded)."""
+        try:
+            self.get(timeout)
+        except RemoteError as e:
+            return e
+        return None
+
+    def get_dict(self, timeout: float | None = None) -> dict:
+        """``{engine_id: result}`` (raises as ``get()`` does)."""
+        self.get(timeout)
+        return {e: self._rec.state[e].value for e in self._rec.engines}
+
+    # -- as a container (ipyparallel's) ---------------------------------------------------------
+    def __len__(self) -> int:
+        """How many results ``get()`` returns as a list: engines (items for ``map``)."""
+        return len(self._rec.engines)
+
+    def _results_of(self, engine: int, errors_as_values: bool = False) -> list:
+        st = self._rec.state[engine]
+        if st.error is not None:
+            if errors_as_values:
+                return [st.error]
+            raise st.error
+        return [st.value]
+
+    def __iter__(self) -> Iterator:
+        """The results in ``get()``'s order, each as soon as it is there (an engine's error
+        is raised when its turn comes)."""
+        for e in self._rec.engines:
+            st = self._rec.state[e]
+            with self._rec.cond:
+                while not st.done:
+                    self._check_io()
+                    self._rec.cond.wait(_SLICE_S)
+            yield from self._results_of(e)
+
+    def __getitem__(self, key):
+        """``ar[i]`` / ``ar[i:j]``: results (waits for them); ``ar["completed"]``: one
+        metadata key, per engine (see ``metadata``)."""
+        if isinstance(key, str):
+            md = self._metadata_list()
+            if key not in md[0]:
+                raise KeyError(f"no metadata key {key!r}; keys are {sorted(md[0])}")
+            return self._per_engine([m[key] for m in md])
+        return list(self)[key]
+
+    @property
+    def sent(self) -> bool:
+        """Always True: a task is handed to the I/O thread when it is submitted."""
+        return True
+
+    @property
+    def progress(self) -> int:
+        """How many engines have returned (a result or an error)."""
+        return len(self._rec.engines) - self._rec.pending
+
+    def _metadata_list(self) -> list[dict]:
+        rec = self._rec
+        out = []
+        with rec.cond:
+            for e in rec.engines:
+                st = rec.state[e]
+                out.append({
+                    "engine_id": e, "host": rec.hosts[e], "task_id": rec.task_id,
+                    "submitted": _datetime(rec.submitted), "started": _datetime(st.started),
+                    "completed": _datetime(st.finished),
+                    "status": None if not st.done else ("ok" if st.ok else "error"),
+                    "error": st.error, "stdout": "".join(st.stdout),
+                    "stderr": "".join(st.stderr),
+                })
+        return out
+
+    @property
+    def metadata(self) -> dict | list[dict]:
+        """Per engine: ``engine_id``, ``host``, ``task_id``, ``submitted``, ``started``,
+        ``completed`` (``datetime``, engine clocks for the last two; None until known),
+        ``status`` (None, "ok" or "error"), ``error``, ``stdout``, ``stderr``. A list in
+        engine order (one dict for a single engine)."""
+        return self._per_engine(self._metadata_list())
+
+    @property
+    def submitted(self) -> datetime.datetime:
+        return _datetime(self._rec.submitted)  # type: ignore[return-value]
+
+    @property
+    def started(self) -> datetime.datetime | None:
+        """When the first engine started the task (None until one has returned)."""
+        ts = [self._rec.state[e].started for e in self._rec.engines]
+        ts = [t for t in ts if t is not None]
+        return _datetime(min(ts)) if ts else None
+
+    @property
+    def completed(self) -> datetime.datetime | None:
+        """When the last engine finished (None until every engine has)."""
+        if not self.ready():
+            return None
+        return _datetime(max(self._rec.state[e].finished for e in self._rec.engines))
+
+    @property
+    def wall_time(self) -> float:
+        """Seconds from submission to the last engine's result (``elapsed`` once done);
+        raises if not ready."""
+        self._check_ready("wall_time")
+        return self.elapsed
+
+    @property
+    def serial_time(self) -> float:
+        """Sum over engines of the seconds each spent running the task; raises if not ready."""
+        self._check_ready("serial_time")
+        return sum(self._rec.state[e].finished - self._rec.state[e].started
+                   for e in self._rec.engines)
+
+    def _check_ready(self, what: str) -> None:
+        if not self.ready():
+            raise MpipubError(f"task {self.task_id} is not done yet, so {what} is not known; "
+                              "call wait() first")
+
+    def display_outputs(self, groupby: str = "type") -> None:
+        """Print what each engine printed, under ``[stdout:N]`` / ``[stderr:N]`` headers:
+        ``groupby="type"`` all stdout then all stderr, ``"engine"`` engine by engine."""
+        if groupby not in ("type", "engine", "order"):
+            raise ValueError(f"groupby must be 'type', 'engine' or 'order', not {groupby!r}")
+        with self._rec.cond:
+            outs = [(e, "".join(self._rec.state[e].stdout), "".join(self._rec.state[e].stderr))
+                    for e in self._rec.engines]
+        def show(kind: str, e: int, text: str) -> None:
+            if text:
+                stream = sys.stdout if kind == "stdout" else sys.stderr
+                stream.write(f"[{kind}:{e}] " + text + ("" if text.endswith("\n") else "\n"))
+        if groupby == "type":
+            for e, out, _ in outs:
+                show("stdout", e, out)
+            for e, _, err in outs:
+                show("stderr", e, err)
+        else:
+            for e, out, err in outs:
+                show("stdout", e, out)
+                show("stderr", e, err)
+
+    def _result_value(self, errors_as_values: bool = False):
+        return self._per_engine([r for e in self._rec.engines
+                                 for r in self._results_of(e, errors_as_values)])
 
     def successful(self) -> bool:
         """True if every engine returned without error; raises if not ready yet."""
@@ -451,8 +644,12 @@ class AsyncResult:
             seq += 1
             yield Publication(b.engine, step, t, b.received, data)
 
-    def wait_interactive(self, interval: float = 0.2, timeout: float | None = None) -> None:
-        """Wait with a progress bar on stderr: engines done and steps published."""
+    def wait_interactive(self, interval: float = 0.2, timeout: float | None = None,
+                         return_when: str = ALL_COMPLETED) -> None:
+        """Wait with a progress bar on stderr: engines done and steps published
+        (``return_when``: as for ``wait``)."""
+        if return_when not in _RETURN_WHEN:
+            raise ValueError(f"return_when must be one of {_RETURN_WHEN}, not {return_when!r}")
         try:
             from tqdm import tqdm
         except ImportError:  # pragma: no cover - tqdm is a dependency
@@ -469,22 +666,84 @@ class AsyncResult:
                     bar.n = done
                     bar.set_postfix(steps=steps, refresh=False)
                     bar.refresh()
-                if self.ready():
+                if self._reached(return_when):
                     break
                 left = interval if deadline is None else min(interval, deadline - time.monotonic())
                 if left <= 0:
                     raise TimeoutError(f"task {self.task_id} not done after {timeout} s")
-                self.wait(left)
+                self.wait(left, return_when)
         finally:
             if bar is not None:
                 bar.close()
 
 
 class AsyncMapResult(AsyncResult):
-    """Result of ``view.map_async``: ``get()`` returns one flat list in input order."""
+    """Result of ``view.map_async``: ``get()`` returns one flat list in input order;
+    ``len()``, iteration and ``ar[i]`` are over the items; ``get_dict()`` gives each
+    engine's part."""
 
-    def _result_value(self):
-        out: list = []
-        for e in self._rec.engines:
-            out.extend(self._rec.state[e].value)
-        return out
+    def _results_of(self, engine: int, errors_as_values: bool = False) -> list:
+        st = self._rec.state[engine]
+        if st.error is not None:
+            if errors_as_values:
+                return [st.error] * self._rec.counts.get(engine, 1)
+            raise st.error
+        return list(st.value)
+
+    def _result_value(self, errors_as_values: bool = False):
+        return [r for e in self._rec.engines for r in self._results_of(e, errors_as_values)]
+
+    def __len__(self) -> int:
+        return sum(self._rec.counts.values())
+
+
+class AsyncGatherResult(AsyncResult):
+    """Result of ``view.gather``: ``get()`` joins the engines' parts (in engine order) into
+    one list, or one array when they are numpy arrays."""
+
+    def _result_value(self, errors_as_values: bool = False):
+        parts = [r for e in self._rec.engines for r in self._results_of(e, errors_as_values)]
+        if errors_as_values and any(isinstance(p, RemoteError) for p in parts):
+            return parts
+        return join_parts(parts)
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self) -> Iterator:
+        yield self.get()
+
+
+def split_parts(seq, n: int, flatten: bool = False) -> list:
+    """``seq`` in ``n`` contiguous parts, the first ones one longer when it does not divide
+    (ipyparallel's partition); numpy arrays are sliced along axis 0. ``flatten``: a part of
+    one item is sent as that item."""
+    size = len(seq)
+    base, extra = divmod(size, n)
+    parts, lo = [], 0
+    for i in range(n):
+        hi = lo + base + (1 if i < extra else 0)
+        part = seq[lo:hi]
+        if not hasattr(part, "__array_interface__") and not isinstance(part, (list, tuple, str)):
+            part = list(part)
+        parts.append(part[0] if flatten and len(part) == 1 else part)
+        lo = hi
+    return parts
+
+
+def join_parts(parts: list):
+    """Undo ``split_parts``: numpy arrays are concatenated along axis 0, sequences joined
+    into one list, and a single item (a flattened part) appended."""
+    if parts and all(hasattr(p, "__array_interface__") and getattr(p, "ndim", 0) > 0
+                     for p in parts):
+        import numpy as np
+
+        return np.concatenate(parts)
+    out: list = []
+    for p in parts:
+        if isinstance(p, (list, tuple)) or (hasattr(p, "__array_interface__")
+                                            and getattr(p, "ndim", 0) > 0):
+            out.extend(p)
+        else:
+            out.append(p)
+    return out

@@ -7,8 +7,11 @@ then ends the process (status 0), so the same script runs unchanged on every ran
 
 from __future__ import annotations
 
+import builtins
 import collections
+import contextlib
 import itertools
+import operator
 import os
 import signal
 import sys
@@ -20,10 +23,19 @@ from typing import Any, Callable
 from . import comm as _comm
 from . import ending, wire
 from . import engine as _engine
-from .asyncresult import AsyncMapResult, AsyncResult, TaskRecord, decode_batch
-from .comm import CLIENT_RANK, TAG_ABORT, TAG_CBUF, TAG_CTRL
+from . import namespace as _ns
+from .asyncresult import (
+    AsyncGatherResult,
+    AsyncMapResult,
+    AsyncResult,
+    TaskRecord,
+    decode_batch,
+    split_parts,
+)
+from .comm import CLIENT_RANK, TAG_CBUF, TAG_CTRL
 from .errors import MpipubError
 from .iothread import IOThread
+from .namespace import Reference, contains_reference
 
 #: How long ``close()`` waits for engines to stop before it aborts the MPI job.
 CLOSE_TIMEOUT_S = float(os.environ.get("MPIPUB_CLOSE_TIMEOUT_S", "10"))
@@ -133,10 +145,12 @@ class _Runtime:
         return result_cls(self, rec, single)
 
     def abort(self, task_id: int, engines: Iterable[int], reason: str | None = None) -> None:
-        """Ask ``engines`` to stop ``task_id``; ``reason`` ends up in their TaskAborted."""
+        """Ask ``engines`` to stop ``task_id``; ``reason`` ends up in their TaskAborted.
+        Sent on the tasks' tag, after the task itself (the I/O thread posts in order), so an
+        engine sees the abort before it starts the task whenever it has arrived by then."""
         enc = wire.encode(wire.ABORT, task_id, 0, reason)
         for e in engines:
-            self.io.post(enc, e, TAG_ABORT, TAG_CBUF)
+            self.io.post(enc, e, TAG_CTRL, TAG_CBUF)
 
     # -- closing --------------------------------------------------------------------------------
     def close(self, timeout: float = CLOSE_TIMEOUT_S, why: str | None = None,
@@ -333,7 +347,40 @@ class Client:
         return len(self._rt.ids)
 
     def __getitem__(self, key) -> DirectView:
+        """``c[2]`` one engine (its MPI rank), ``c[-1]`` the last, ``c[1:3]`` ranks 1-2,
+        ``c[[1, 3]]`` a list, ``c[:]`` all. Slices select by rank; one that includes rank 0
+        (the client), such as ``c[:2]``, is an IndexError, ``c[:]`` excepted."""
         return DirectView(self._rt, _targets(key, self._rt.ids))
+
+    def direct_view(self, targets="all") -> DirectView:
+        """A view of ``targets``: ``"all"`` (or None) for every engine, else as ``c[targets]``."""
+        if targets is None or (isinstance(targets, str) and targets == "all"):
+            return DirectView(self._rt, list(self._rt.ids))
+        return DirectView(self._rt, _targets(targets, self._rt.ids))
+
+    def wait(self, jobs=None, timeout: float | None = None) -> bool:
+        """Wait for ``jobs`` (an AsyncResult or a list of them; default: every task still
+        running) or ``timeout`` seconds; return whether all are done."""
+        if jobs is not None:
+            return _wait_all(_as_results(jobs), timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._rt.lock:
+                running = [r for r in self._rt.records.values() if r.pending]
+            if not running:
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            if not _wait_all([AsyncResult(self._rt, running[0], False)],
+                             None if left is None else left):
+                return False
+
+    def use_cloudpickle(self) -> None:
+        """A no-op, for ipyparallel scripts: mpipub always sends functions with cloudpickle."""
+
+    def use_pickle(self) -> None:
+        """A no-op, for ipyparallel scripts (see ``DirectView.use_pickle``)."""
 
     def __repr__(self) -> str:
         more = "..." if len(self) > 8 else ""
@@ -407,100 +454,189 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-def _targets(key, ids: list[int]) -> list[int] | int:
-    size = len(ids) + 1
-    if isinstance(key, slice):
-        return [r for r in range(size)[key] if r != CLIENT_RANK]
-    if isinstance(key, (list, tuple, range)):
-        out = [_targets(k, ids) for k in key]
-        return out  # type: ignore[return-value]
-    if not isinstance(key, int) or isinstance(key, bool):
-        raise TypeError(f"engines are selected by id (int), slice or list, not {key!r}")
-    if key == CLIENT_RANK:
+def _one_target(key, ids: list[int], where) -> int:
+    """One engine id from an int: an MPI rank, or counted from the end when negative."""
+    if isinstance(key, bool) or not hasattr(key, "__index__"):
+        raise TypeError(f"engines are selected by id (int), slice or list, not {key!r}"
+                        + (f" (in {where!r})" if where is not None else ""))
+    k = operator.index(key)
+    if k < 0:
+        if -k > len(ids):
+            raise IndexError(f"engine index {k} is out of range: this job has {len(ids)} "
+                             f"engines (ids {ids[0]}..{ids[-1]}; -1 is the last)")
+        return ids[k]
+    if k == CLIENT_RANK:
         raise IndexError("rank 0 is the client, not an engine; engine ids are "
                          f"{ids[0]}..{ids[-1]}")
-    if key not in ids:
-        raise IndexError(f"no engine {key}: engine ids are {ids[0]}..{ids[-1]} "
-                         f"(this job has {size} ranks)")
-    return key
+    if k not in ids:
+        raise IndexError(f"no engine {k}: engine ids are {ids[0]}..{ids[-1]} "
+                         f"(this job has {len(ids) + 1} ranks)")
+    return k
+
+
+def _slice_targets(key: slice, ids: list[int]) -> list[int]:
+    """Slices select by MPI rank. One whose ranks include 0 (the client) would hold fewer
+    engines than its positions suggest (``c[:2]`` is engine 1 alone), so it is refused;
+    ``c[:]`` (every engine) is the one exception."""
+    ranks = range(len(ids) + 1)[key]
+    if CLIENT_RANK in ranks and not (key.start in (None, 0) and key.stop is None
+                                     and key.step in (None, 1)):
+        held = [r for r in ranks if r != CLIENT_RANK]
+        text = _slice_text(key)
+        raise IndexError(
+            f"slice {text} selects by MPI rank and includes rank 0, the client: it would "
+            f"hold engines {held} only. Engine ids are ranks {ids[0]}..{ids[-1]}: write "
+            f"ranks (c[1:3] is engines 1 and 2) or select by position with c[c.ids{text}]")
+    return [r for r in ranks if r != CLIENT_RANK]
+
+
+def _slice_text(key: slice) -> str:
+    def f(x):
+        return "" if x is None else str(x)
+    text = f"{f(key.start)}:{f(key.stop)}" + (f":{key.step}" if key.step is not None else "")
+    return f"[{text}]"
+
+
+def _targets(key, ids: list[int]) -> list[int] | int:
+    """Engine ids for ``client[key]`` / ``direct_view(key)``: an int (a single engine; negative
+    counts from the end), a slice (by rank), or a list/tuple/range/array of ints. An engine
+    named twice is an error: a view holds each engine once."""
+    if isinstance(key, slice):
+        return _slice_targets(key, ids)
+    if isinstance(key, (str, bytes)) or not hasattr(key, "__iter__") \
+            or getattr(key, "ndim", 1) == 0:
+        return _one_target(key, ids, None)
+    out = [_one_target(k, ids, key) for k in key]
+    seen: set[int] = set()
+    for k, e in zip(key, out):
+        if e in seen:
+            named = f"{k} (engine {e})" if k != e else f"{e}"
+            raise IndexError(f"engine {named} appears twice in {list(key)!r}: a view holds "
+                             "each engine once")
+        seen.add(e)
+    return out
 
 
 class DirectView:
-    """Some engines, addressed together: ``c[:]``, ``c[1]``, ``c[1:3]``, ``c[[1, 3]]``."""
+    """Some engines, addressed together: ``c[:]``, ``c[1]``, ``c[-1]``, ``c[1:3]``,
+    ``c[[1, 3]]``, ``c.direct_view("all")``."""
 
     def __init__(self, runtime: _Runtime, targets: list[int] | int):
         self._rt = runtime
-        self._single = isinstance(targets, int)
-        self.targets: list[int] = [targets] if self._single else list(targets)  # type: ignore
-        if not self.targets:
-            raise IndexError("this view selects no engines")
+        self.targets = targets
         self.block = False
+        self._outstanding: list[AsyncResult] = []  # submitted through this view, maybe running
+
+    @property
+    def targets(self) -> list[int]:
+        """The view's engine ids (MPI ranks), in order."""
+        return list(self._targets)
+
+    @targets.setter
+    def targets(self, targets) -> None:
+        if not isinstance(targets, int) or isinstance(targets, bool):
+            targets = _targets(targets, self._rt.ids)
+        self._single = isinstance(targets, int)
+        chosen = [targets] if self._single else list(targets)
+        if not chosen:
+            raise IndexError("this view selects no engines")
+        _targets(chosen, self._rt.ids)  # (each exists, none twice)
+        self._targets: list[int] = chosen
 
     def __repr__(self) -> str:
-        return f"<DirectView {self.targets[0] if self._single else self.targets}>"
+        return f"<DirectView {self._targets[0] if self._single else self._targets}>"
 
     def __len__(self) -> int:
-        return len(self.targets)
+        return len(self._targets)
+
+    def _submit(self, targets, payloads, label, single, result_cls=AsyncResult) -> AsyncResult:
+        ar = self._rt.submit(targets, payloads, label, single, result_cls)
+        self._outstanding = [a for a in self._outstanding if not a.ready()]
+        self._outstanding.append(ar)
+        return ar
+
+    def _finish(self, ar: AsyncResult, block: bool | None):
+        return ar.get() if (self.block if block is None else block) else ar
 
     # -- apply ----------------------------------------------------------------------------------
     def _apply(self, fn, args, kwargs, label=None) -> AsyncResult:
-        if not callable(fn):
+        if not callable(fn) and not isinstance(fn, Reference):
             raise TypeError(f"apply() needs a callable, got {type(fn).__name__}")
         label = label or f"{_describe(fn)}()"
         p = (fn, args, kwargs)
-        return self._rt.submit(self.targets, [p] * len(self.targets), label, self._single)
+        if contains_reference(p):
+            p = (_ns.call_resolved, p, {})
+        return self._submit(self._targets, [p] * len(self._targets), label, self._single)
 
-    def apply_async(self, f: Callable, *args: Any, **kwargs: Any) -> AsyncResult:
+    def apply_async(self, f: Callable, /, *args: Any, **kwargs: Any) -> AsyncResult:
         """Run ``f(*args, **kwargs)`` on every engine of the view; return at once."""
         return self._apply(f, args, kwargs)
 
-    def apply_sync(self, f: Callable, *args: Any, **kwargs: Any) -> Any:
+    def apply_sync(self, f: Callable, /, *args: Any, **kwargs: Any) -> Any:
         """Run ``f(*args, **kwargs)`` on every engine and wait for the results."""
         return self._apply(f, args, kwargs).get()
 
-    def apply(self, f: Callable, *args: Any, **kwargs: Any) -> Any:
+    def apply(self, f: Callable, /, *args: Any, **kwargs: Any) -> Any:
         """``apply_sync`` if ``self.block`` else ``apply_async``."""
-        ar = self._apply(f, args, kwargs)
-        return ar.get() if self.block else ar
+        return self._finish(self._apply(f, args, kwargs), None)
 
     # -- map ------------------------------------------------------------------------------------
-    def map_async(self, f: Callable, *sequences: Sequence) -> AsyncMapResult:
+    def map_async(self, f: Callable, /, *sequences: Sequence) -> AsyncMapResult:
         """Split the sequences across the view's engines in contiguous chunks; ``get()``
         returns ``[f(*xs) for xs in zip(*sequences)]`` in input order."""
         if not sequences:
             raise TypeError("map() needs at least one sequence")
         items = list(zip(*sequences))
-        n = len(self.targets)
+        n = len(self._targets)
         chunks = [items[i * len(items) // n:(i + 1) * len(items) // n] for i in range(n)]
-        targets = [t for t, c in zip(self.targets, chunks) if c] or self.targets[:1]
+        targets = [t for t, c in zip(self._targets, chunks) if c] or self._targets[:1]
         chunks = [c for c in chunks if c] or [[]]
-        payloads = [(_engine.run_map, (f, c), {}) for c in chunks]
-        return self._rt.submit(targets, payloads, f"map({_describe(f)})", False, AsyncMapResult)
+        payloads = [(_ns.run_map, (f, c), {}) for c in chunks]
+        ar = self._submit(targets, payloads, f"map({_describe(f)})", False, AsyncMapResult)
+        ar._rec.counts = {t: len(c) for t, c in zip(targets, chunks)}
+        return ar  # type: ignore[return-value]
 
-    def map_sync(self, f: Callable, *sequences: Sequence) -> list:
+    def map_sync(self, f: Callable, /, *sequences: Sequence) -> list:
         return self.map_async(f, *sequences).get()
 
-    def map(self, f: Callable, *sequences: Sequence):
-        ar = self.map_async(f, *sequences)
-        return ar.get() if self.block else ar
+    def map(self, f: Callable, /, *sequences: Sequence, block: bool | None = None):
+        """``map_sync`` if ``block`` (default: ``self.block``) else ``map_async``."""
+        return self._finish(self.map_async(f, *sequences), block)
 
     # -- namespace ------------------------------------------------------------------------------
-    def execute(self, code: str, block: bool | None = None):
-        """Run Python source in each engine's namespace."""
-        ar = self._apply(_engine.run_execute, (code,), {}, label="execute()")
-        return ar.get() if (self.block if block is None else block) else ar
+    def execute(self, code: str, block: bool | None = None) -> AsyncResult:
+        """Run Python source in each engine's namespace. Returns the AsyncResult (after
+        waiting for it, and raising its error, when blocking), as ipyparallel does."""
+        if not isinstance(code, str):
+            raise TypeError(f"execute() takes Python source as str, not {type(code).__name__}")
+        ar = self._apply(_ns.run_execute, (code,), {}, label="execute()")
+        if self.block if block is None else block:
+            ar.get()
+        return ar
+
+    def run(self, filename: str | os.PathLike, block: bool | None = None) -> AsyncResult:
+        """Run a Python file (read here, on the client) in each engine's namespace, like
+        ``execute(open(filename).read())`` with the file named in tracebacks."""
+        with open(filename, encoding="utf-8") as fh:
+            code = fh.read()
+        ar = self._apply(_ns.run_execute, (code, os.fspath(filename)), {}, label="execute()")
+        if self.block if block is None else block:
+            ar.get()
+        return ar
 
     def push(self, ns: dict, block: bool | None = None):
-        """Set names in each engine's namespace."""
+        """Set names in each engine's namespace (dotted names set attributes: ``"a.b"``)."""
         if not isinstance(ns, dict):
             raise TypeError(f"push() takes a dict of name -> value, got {type(ns).__name__}")
-        ar = self._apply(_engine.run_push, (ns,), {}, label="push()")
-        return ar.get() if (self.block if block is None else block) else ar
+        for k in ns:
+            _ns.split_path(k)
+        return self._finish(self._apply(_ns.run_push, (ns,), {}, label="push()"), block)
 
     def pull(self, names: str | Sequence[str], block: bool | None = None):
-        """Read names from each engine's namespace."""
-        ar = self._apply(_engine.run_pull, (names,), {}, label="pull()")
-        return ar.get() if (self.block if block is None else block) else ar
+        """Read names (or dotted names) from each engine's namespace."""
+        for k in [names] if isinstance(names, str) else names:
+            _ns.split_path(k)
+        return self._finish(self._apply(_ns.run_pull, (names,), {}, label="pull()"), block)
 
     def __getitem__(self, name: str):
         return self.pull(name, block=True)
@@ -508,3 +644,136 @@ class DirectView:
     def __setitem__(self, name: str, value) -> None:
         self.push({name: value}, block=True)
 
+    def clear(self, block: bool | None = None):
+        """Empty each engine's namespace."""
+        return self._finish(self._apply(_ns.run_clear, (), {}, label="clear()"), block)
+
+    def scatter(self, key: str, seq: Sequence, flatten: bool = False,
+                block: bool | None = None):
+        """Split ``seq`` into contiguous parts, one per engine in view order (the first ones
+        one longer when it does not divide; numpy arrays along axis 0), and set ``key`` to
+        its part on each engine; ``flatten``: a part of one item is set as that item."""
+        _ns.split_path(key)
+        if not hasattr(seq, "__len__") or not hasattr(seq, "__getitem__"):
+            raise TypeError(f"scatter() needs a sequence (list, tuple, array), not "
+                            f"{type(seq).__name__}")
+        parts = split_parts(seq, len(self._targets), flatten)
+        payloads = [(_ns.run_push, ({key: part},), {}) for part in parts]
+        ar = self._submit(self._targets, payloads, "scatter()", False)
+        return self._finish(ar, block)
+
+    def gather(self, key: str, block: bool | None = None):
+        """Pull ``key`` from each engine and join the parts in view order: numpy arrays
+        concatenated along axis 0, sequences into one list, single items appended."""
+        _ns.split_path(key)
+        p = (_ns.run_pull, (key,), {})
+        ar = self._submit(self._targets, [p] * len(self._targets), "gather()", False,
+                          AsyncGatherResult)
+        return self._finish(ar, block)
+
+    def sync_imports(self, local: bool = True, quiet: bool = False):
+        """``with view.sync_imports(): import numpy`` imports on the client and on each
+        engine (``import a.b`` and ``from a import b`` too; an ``as`` name is the client's
+        only). ``quiet``: do not print what is imported."""
+        if not local:
+            raise ValueError("sync_imports(local=False) is not supported: the with block's "
+                             "imports always run on the client too")
+        return _SyncImports(self, quiet)
+
+    # -- waiting, aborting, flags --------------------------------------------------------------
+    def _jobs(self, jobs) -> list[AsyncResult]:
+        if jobs is None:
+            return [a for a in self._outstanding if not a.ready()]
+        return _as_results(jobs)
+
+    def wait(self, jobs=None, timeout: float | None = None) -> bool:
+        """Wait for ``jobs`` (an AsyncResult or a list of them; default: every task this view
+        has running) or ``timeout`` seconds; return whether all are done."""
+        return _wait_all(self._jobs(jobs), timeout)
+
+    def abort(self, jobs=None) -> None:
+        """Abort ``jobs`` (an AsyncResult or a list; default: every task this view has
+        running or queued): see ``AsyncResult.abort``."""
+        for ar in self._jobs(jobs):
+            ar.abort()
+
+    @contextlib.contextmanager
+    def temp_flags(self, **flags):
+        """``with view.temp_flags(block=True): ...`` sets flags (``block``) for the block."""
+        unknown = sorted(set(flags) - {"block"})
+        if unknown:
+            raise TypeError(f"temp_flags() knows the flag 'block' only, not {unknown}")
+        saved = {k: getattr(self, k) for k in flags}
+        for k, v in flags.items():
+            setattr(self, k, v)
+        try:
+            yield self
+        finally:
+            for k, v in saved.items():
+                setattr(self, k, v)
+
+    def use_cloudpickle(self) -> None:
+        """A no-op, for ipyparallel scripts: mpipub always sends functions with cloudpickle."""
+
+    def use_pickle(self) -> None:
+        """A no-op, for ipyparallel scripts: mpipub always sends functions with cloudpickle
+        (by value from ``__main__``, by reference from importable modules, as pickle would)."""
+
+
+def _as_results(jobs) -> list[AsyncResult]:
+    items = [jobs] if isinstance(jobs, AsyncResult) else list(jobs)
+    for j in items:
+        if not isinstance(j, AsyncResult):
+            raise TypeError(f"jobs are AsyncResults (or a list of them), not {type(j).__name__}")
+    return items
+
+
+def _wait_all(results: list[AsyncResult], timeout: float | None) -> bool:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for ar in results:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not ar.wait(left):
+            return False
+    return True
+
+
+class _SyncImports:
+    """``view.sync_imports()``: records the with block's own import statements (not the
+    imports they trigger) and runs each on the engines when the block ends."""
+
+    def __init__(self, view: DirectView, quiet: bool):
+        self.view = view
+        self.thread = threading.get_ident()  # (imports in other threads are not the block's)
+        self.quiet = quiet
+        self.statements: list[str] = []
+        self.said: list[str] = []
+        self._depth = 0
+
+    def _import(self, name, globals=None, locals=None, fromlist=(), level=0):
+        record = self._depth == 0 and level == 0 and threading.get_ident() == self.thread
+        self._depth += 1
+        try:
+            mod = self._saved(name, globals, locals, fromlist, level)
+        finally:
+            self._depth -= 1
+        if record:
+            if fromlist:
+                self.statements.append(f"from {name} import {', '.join(fromlist)}")
+                self.said.append(f"importing {', '.join(fromlist)} from {name} on engine(s)")
+            else:
+                self.statements.append(f"import {name}")
+                self.said.append(f"importing {name} on engine(s)")
+        return mod
+
+    def __enter__(self):
+        self._saved = builtins.__import__
+        builtins.__import__ = self._import
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        builtins.__import__ = self._saved
+        if exc_type is not None or not self.statements:
+            return
+        if not self.quiet:
+            print("\n".join(self.said))
+        self.view.execute("\n".join(self.statements), block=True)

@@ -13,9 +13,8 @@ from .errors import LaunchError
 # Tags on the runtime communicator.
 TAG_MSG = 11  # engine -> client: one header (or a whole small message)
 TAG_BUF = 12  # engine -> client: raw buffers that follow a header, in order
-TAG_CTRL = 21  # client -> engine: tasks and stop
+TAG_CTRL = 21  # client -> engine: tasks, aborts and stop (one tag: MPI keeps their order)
 TAG_CBUF = 22  # client -> engine: raw buffers that follow a task header
-TAG_ABORT = 23  # client -> engine: abort a task (read between publications)
 
 CLIENT_RANK = 0
 

@@ -8,6 +8,7 @@ thread; ``publish_data`` inside them hands publications to this engine's sender 
 from __future__ import annotations
 
 import builtins
+import collections
 import io
 import os
 import pickle
@@ -19,7 +20,7 @@ import types
 import weakref
 
 from . import wire
-from .comm import CLIENT_RANK, TAG_ABORT, TAG_CBUF, TAG_CTRL, World
+from .comm import CLIENT_RANK, TAG_CBUF, TAG_CTRL, World
 from .errors import MpipubError, TaskAborted
 from .sender import Sender
 
@@ -140,7 +141,10 @@ class Engine:
         self.task_options: dict = {}
         self.check_value = None  # the sink's check of published values, when one is on
         self.busy = False
+        self.busy_since_start = False  # the running task's function has been called
         self.aborted: dict[int, str | None] = {}  # task id -> reason
+        # Tasks and stop requests received but not run yet, in the order sent (see recv_ctrl)
+        self.inbox: collections.deque = collections.deque()
         self._status = self.MPI.Status()
         self.terminating_since: float | None = None
         self.sending = False  # inside outbox.send: a signal is deferred (see _on_signal)
@@ -234,17 +238,29 @@ class Engine:
             return None
         return wire.recv_message(self.comm, self.MPI, msg, self._status, TAG_CBUF)
 
+    def recv_ctrl(self) -> None:
+        """Receive every control message that has arrived: tasks and stop requests queue in
+        ``inbox``, aborts are recorded at once. Tasks, aborts and stops share one tag, so
+        MPI's non-overtaking order holds: an abort is read no later than any task sent after
+        it, and reading them all before a task starts sees every abort that has arrived,
+        however many tasks were queued before it (with a tag of its own, a probe for aborts
+        missed those still behind unread tasks)."""
+        while (m := self._recv(TAG_CTRL)) is not None:
+            if m.kind == wire.ABORT:
+                if self.task_id is None or m.task_id >= self.task_id:  # (else: already done)
+                    self.aborted[m.task_id] = m.decode()
+            else:
+                self.inbox.append(m)
+
     def poll_aborts(self) -> None:
-        """Read abort requests; raise TaskAborted if the running task is one of them."""
-        while (m := self._recv(TAG_ABORT)) is not None:
-            if self.task_id is None or m.task_id >= self.task_id:
-                self.aborted[m.task_id] = m.decode()
+        """Read control messages; raise TaskAborted if the running task was aborted."""
+        self.recv_ctrl()
         if self.task_id is not None and self.task_id in self.aborted:
             why = self.aborted[self.task_id] or "by the client (AsyncResult.abort())"
-            raise TaskAborted(
-                f"task {self.task_id} was aborted {why} "
-                f"on engine {self.rank} after {self.step} publications"
-            )
+            when = (f"after {self.step} publications" if self.busy_since_start else
+                    "before it started")
+            raise TaskAborted(f"task {self.task_id} was aborted {why} on engine {self.rank} "
+                              f"{when}")
 
     def serve(self) -> None:
         """Run tasks until the client says stop."""
@@ -256,7 +272,9 @@ class Engine:
         sleep = POLL_MIN_S
         try:
             while True:
-                m = self._recv(TAG_CTRL)
+                if not self.inbox:
+                    self.recv_ctrl()
+                m = self.inbox.popleft() if self.inbox else None
                 if m is None:
                     if self.terminating_since and time.monotonic() - self.terminating_since > 10:
                         # SIGTERM and no word from the client for 10 s: it is gone; leave.
@@ -318,7 +336,9 @@ class Engine:
             sys.stdout = _ForwardedStream(self, out, 1)
             sys.stderr = _ForwardedStream(self, err, 2)
             self.busy = True
-            self.poll_aborts()
+            self.busy_since_start = False
+            self.poll_aborts()  # an abort that arrived before the task starts skips it
+            self.busy_since_start = True
             value = _call_as_task(m.task_id, self.rank, self.host, label)(fn, args, kwargs)
         except BaseException as exc:  # noqa: BLE001 - every failure is reported, engine lives on
             self.busy = False
@@ -435,31 +455,3 @@ def _with_filename(code: types.CodeType, path: str) -> types.CodeType:
     consts = tuple(_with_filename(c, path) if isinstance(c, types.CodeType) else c
                    for c in code.co_consts)
     return code.replace(co_filename=path, co_consts=consts)
-
-
-# -- tasks the client's views send (importable, so they travel by reference) --------------------
-def _ns() -> dict:
-    return _current.namespace  # type: ignore[union-attr]
-
-
-def run_execute(code: str) -> None:
-    exec(compile(code, f"<execute on engine {_current.rank}>", "exec"), _ns())  # type: ignore[union-attr]
-
-
-def run_push(values: dict) -> None:
-    _ns().update(values)
-
-
-def run_pull(names):
-    ns = _ns()
-    missing = [n for n in ([names] if isinstance(names, str) else names) if n not in ns]
-    if missing:
-        raise NameError(f"name(s) {missing} not defined on engine {_current.rank}")  # type: ignore[union-attr]
-    if isinstance(names, str):
-        return ns[names]
-    return [ns[n] for n in names]
-
-
-def run_map(fn, arg_tuples: list) -> list:
-    f = _current._bind(fn)  # type: ignore[union-attr]
-    return [f(*a) for a in arg_tuples]

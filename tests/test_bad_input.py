@@ -357,13 +357,22 @@ def test_remote_errors_name_engine_host_type_message_and_traceback(mpi_script):
                 raise ValueError(f'bad value on {me}')
             return me
 
-        # one engine of a multi-engine task fails: a plain RemoteError
+        # one engine of a multi-engine task fails: a CompositeError (as in ipyparallel), which
+        # is a RemoteError with that engine's details; a single-engine view: a RemoteError
         try:
-            c[:].apply_sync(fail_on, [2])
+            c[2].apply_sync(fail_on, [2])
             raise AssertionError('no error')
         except CompositeError:
             raise
         except RemoteError as e:
+            assert (e.engine_id, e.ename) == (2, 'ValueError'), e
+        try:
+            c[:].apply_sync(fail_on, [2])
+            raise AssertionError('no error')
+        except CompositeError as e:
+            assert [x.engine_id for x in e.errors] == [2], e.errors
+            assert '1 engine failed (2)' in str(e), str(e)
+            e = e.errors[0]
             assert (e.engine_id, e.host, e.ename, e.evalue) == (2, host, 'ValueError',
                                                                 'bad value on 2'), e
             # the traceback starts in the user's function and names the client's script
