@@ -161,6 +161,8 @@ class TaskData:
         self.kwargs = str(a.get("kwargs", ""))
         self.start = float(a.get("start", np.nan))
         self.end = float(a.get("end", np.nan))
+        #: why the job ended while this task ran (e.g. SIGTERM from scancel); None if it did not
+        self.cut_short = str(a["cut_short"]) if "cut_short" in a else None
         self._eng: dict[int, EngineData] = {}
         for name in g:
             if name.startswith("engine_"):

@@ -72,6 +72,8 @@ def cmd_info(args) -> int:
             print(f"task {tid}: {t.label} function={t.function} args={t.args} "
                   f"kwargs={t.kwargs}")
             print(f"  start {_fmt_t(t.start)}  end {_fmt_t(t.end)}")
+            if t.cut_short is not None:
+                print(f"  cut short: {t.cut_short}")
             for e in t.engines:
                 ed = t.engine(e)
                 n = len(ed.steps)
