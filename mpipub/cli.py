@@ -1,5 +1,5 @@
-"""The ``mpipub`` command line: ``run`` a script under MPI, and (with a sink file)
-``info``, ``plot`` and ``watch``."""
+"""The ``mpipub`` command line: ``run`` a script under MPI, ``jobscript`` (a SLURM batch
+script for it), and (with a sink file) ``info``, ``plot`` and ``watch``."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ def _parser(sink_commands: bool = True) -> argparse.ArgumentParser:
     r.add_argument("script")
     r.add_argument("args", nargs=argparse.REMAINDER)
     if sink_commands:  # not needed to start a run (start-up time counts on every rank)
-        from . import sinkcli
+        from . import jobscript, sinkcli
 
+        jobscript.add_command(sub)
         sinkcli.add_commands(sub)
     return p
 
