@@ -135,6 +135,13 @@ def _mpiexec_beside(python: str) -> str | None:
     return None
 
 
+def _directive_value(value: str) -> str:
+    """A value for an #SBATCH line: sbatch splits those at whitespace unless double-quoted."""
+    if '"' in value:
+        raise JobscriptError(f"{value!r}: sbatch cannot take a double quote in an #SBATCH line")
+    return f'"{value}"' if re.search(r"\s", value) else value
+
+
 def render(args) -> str:
     """The batch script for ``args`` (the parsed options); JobscriptError if it cannot work."""
     if args.ntasks < 2:
@@ -197,10 +204,11 @@ def render(args) -> str:
         sb.append(f"--account={args.account}")
     if args.signal_lead:
         sb.append(f"--signal=B:USR1@{args.signal_lead}")
-    sb += [f"--chdir={chdir}", f"--output={args.output}", *args.sbatch]
+    sb += [f"--chdir={_directive_value(chdir)}", f"--output={_directive_value(args.output)}",
+           *args.sbatch]
     for line in sb:
         if "\n" in line:
-            raise JobscriptError(f"--sbatch {line!r}: one option per line")
+            raise JobscriptError(f"{line!r}: one option per #SBATCH line")
 
     from . import __version__
 
