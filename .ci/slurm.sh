@@ -8,7 +8,8 @@
 #
 # Runs as root, without systemd. Everything it writes lives in $MPIPUB_SLURM_DIR
 # (/var/tmp/mpipub-slurm) except the config, which goes where sbatch/srun look for it,
-# /etc/slurm/slurm.conf (it refuses to replace a config it did not write). Daemons are stopped
+# /etc/slurm/slurm.conf (it refuses to replace a config it did not write). Each start begins
+# a fresh cluster (no jobs kept from an earlier one, job ids from 1). Daemons are stopped
 # by the PIDs in their PID files, never by name. Finished jobs are listed, one line each with
 # JobState and ExitCode, in $MPIPUB_SLURM_DIR/jobcomp.txt (the tests read it: `sbatch --wait`
 # returns 0 even for a cancelled job).
@@ -93,7 +94,8 @@ controller_up() { timeout 10 scontrol ping 2>/dev/null | grep -q "is UP"; }
 node_ready() {
   local state
   state=$(timeout 10 sinfo -h -N -n "$NODE" -o %T 2>/dev/null || true)
-  [[ $state == idle* || $state == mixed* || $state == allocated* ]]
+  # ("idle*": the controller has not heard from slurmd)
+  [[ $state == idle || $state == mixed || $state == allocated ]]
 }
 
 start() {
@@ -112,7 +114,11 @@ start() {
     sleep 0.1
   done
   if [[ -z $(pid_of slurmctld "$DIR/slurmctld.pid") ]]; then
-    slurmctld -i   # -i: ignore state from an earlier run that cannot be recovered
+    # A fresh cluster every start: no jobs or node states from an earlier run (so the node
+    # reads idle only once this slurmd has registered), job ids from 1, an empty job log.
+    rm -rf "$DIR/state" "$DIR/jobcomp.txt"
+    mkdir -p "$DIR/state"
+    slurmctld -c
   fi
   if [[ -z $(pid_of slurmd "$DIR/slurmd.pid") ]]; then
     slurmd
