@@ -322,16 +322,18 @@ def test_scancel_cuts_the_run_short_and_keeps_the_file(template, jobs, workdir):
 
 
 def test_time_limit_warning_ends_the_run_cleanly(jobs, workdir):
-    """A one-minute job with a 20 s SIGUSR1 lead (SLURM sends it 10-40 s in, its resolution
-    being 30 s): the run ends before the limit, FAILED with exit code 138 (128 + SIGUSR1),
-    and the file holds every step up to the signal, the task cut short by SIGUSR1."""
+    """A one-minute job with a 15 s SIGUSR1 lead: SLURM checks every 30 s and sends it when
+    fewer than lead + 30 s are left, so 15-45 s in (measured here: a 20 s lead came 11-34 s
+    in), after the client started and before the limit. The run ends before the limit,
+    FAILED with exit code 138 (128 + SIGUSR1), and the file holds every step up to the
+    signal, the task cut short by SIGUSR1."""
     gen = subprocess.run(
         [sys.executable, "-m", "mpipub", "jobscript", "-n", str(NTASKS), "-t", "1",
-         "--signal-lead", "20", "--sink", "run.h5", "-o", "job.out", "sim.py",
+         "--signal-lead", "15", "--sink", "run.h5", "-o", "job.out", "sim.py",
          "--steps", "1000000", "--sleep", "0.02"],
         cwd=workdir, env=jobs.env, capture_output=True, text=True, timeout=60)
     assert gen.returncode == 0, gen.stderr
-    assert "#SBATCH --signal=B:USR1@20" in gen.stdout
+    assert "#SBATCH --signal=B:USR1@15" in gen.stdout
     (workdir / "job.sh").write_text(gen.stdout)
     job = jobs.submit(["job.sh"], cwd=workdir)
     info = jobs.wait(job, 150)
