@@ -362,3 +362,61 @@ def test_srun_mpi_none_says_so_once(how, jobs, workdir):
     assert text.count("world of one rank") == 1, text
     assert "--mpi=pmi2" in text and "mpi4py against the cluster's MPI" in text, text
     assert "client ready" not in text and "results" not in text, text
+
+
+# -- the notebook kernel ---------------------------------------------------------------------
+
+KERNEL_DRIVER = """\
+    # Runs inside the batch job, as Jupyter would: start the kernel, run one cell, shut down.
+    import sys
+    from jupyter_client import KernelManager
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    km = KernelManager(kernel_name="mpipub-slurm",
+                       kernel_spec_manager=KernelSpecManager(kernel_dirs=[sys.argv[1]]))
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=90)
+        out = []
+        def hook(msg):
+            if msg["msg_type"] == "stream":
+                out.append(msg["content"]["text"])
+        cell = ("import os\\nfrom mpipub import Client\\nc = Client()\\n"
+                "print('cell ran on task', os.environ.get('SLURM_PROCID'), 'engines', c.ids, "
+                "'got', c[:].apply_sync(lambda: __import__('os').environ['SLURM_PROCID']))")
+        reply = kc.execute_interactive(cell, timeout=60, output_hook=hook)
+        print("status", reply["content"]["status"], "".join(out), flush=True)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+"""
+
+
+def test_notebook_kernel_started_with_srun_inside_an_allocation(jobs, workdir):
+    """`mpipub kernel install --mpiexec "srun --mpi=pmi2"`: inside an allocation the kernel is
+    rank 0 of an srun step and its engines are the step's other tasks; a cell uses them."""
+    try:
+        import mpipub.notebook.kernelspec  # noqa: F401
+    except ImportError:
+        pytest.skip("mpipub.notebook is not here (the notebook kernel, issue 13)")
+    pytest.importorskip("jupyter_client")
+    pytest.importorskip("ipykernel")
+    prefix = workdir / "prefix"
+    r = subprocess.run([sys.executable, "-m", "mpipub", "kernel", "install", "--engines",
+                        str(NTASKS - 1), "--name", "mpipub-slurm", "--mpiexec",
+                        "srun --mpi=pmi2", "--prefix", str(prefix)],
+                       capture_output=True, text=True, timeout=60, env=jobs.env)
+    assert r.returncode == 0, r.stderr
+    (workdir / "driver.py").write_text(textwrap.dedent(KERNEL_DRIVER))
+    kernels = prefix / "share" / "jupyter" / "kernels"
+    (workdir / "kernel.sh").write_text(
+        f"#!/bin/bash\n{sys.executable} driver.py '{kernels}'\n")
+    out = workdir / "job.out"
+    job = jobs.submit([f"--ntasks={NTASKS}", "--time=5", f"--output={out}", "kernel.sh"],
+                      cwd=workdir)
+    info = jobs.wait(job, 150)
+    text = _output(out)
+    assert info.get("JobState") == "COMPLETED", (info, text)
+    assert "status ok cell ran on task 0 engines [1, 2] got ['1', '2']" in text, text
