@@ -375,9 +375,11 @@ class Engine:
 
     def _error_info(self, exc: BaseException) -> tuple[str, str, str]:
         tb_obj = exc.__traceback__
-        if tb_obj is not None and tb_obj.tb_next is not None and \
-                tb_obj.tb_frame.f_code is Engine.run_task.__code__:
-            tb_obj = tb_obj.tb_next  # start at the user's function, not at the engine loop
+        # start at the user's function: not at the engine loop, nor at the named call
+        while tb_obj is not None and tb_obj.tb_next is not None and (
+                tb_obj.tb_frame.f_code is Engine.run_task.__code__
+                or _is_task_call(tb_obj.tb_frame.f_code)):
+            tb_obj = tb_obj.tb_next
         import traceback
 
         tb = "".join(traceback.format_exception(type(exc), exc, tb_obj))
@@ -406,6 +408,11 @@ class Engine:
 
 def _run_user_function(fn, args, kwargs):
     return fn(*args, **kwargs)
+
+
+def _is_task_call(code: types.CodeType) -> bool:
+    run = _run_user_function.__code__
+    return code.co_filename == run.co_filename and code.co_firstlineno == run.co_firstlineno
 
 
 def _call_as_task(task_id: int, rank: int, host: str, label: str):
