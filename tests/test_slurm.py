@@ -118,8 +118,10 @@ class Jobs:
             if info.get("JobState") in FINAL_STATES:
                 return info
             last = info or last
-            if not info and last:  # forgotten already (MinJobAge): read the completion log
-                return self._from_jobcomp(job) or last
+            if not info:  # forgotten already (MinJobAge)? then the completion log has it
+                done = self._from_jobcomp(job)
+                if done:
+                    return done
             time.sleep(0.2)
         pytest.fail(f"job {job} did not end within {timeout} s (last seen: "
                     f"{last.get('JobState')}); it is cancelled")
