@@ -15,7 +15,8 @@ _WHERE = {
     "Publication": "asyncresult", "Client": "client", "DirectView": "client",
     "engine_comm": "datapub", "publish_data": "datapub", "CompositeError": "errors",
     "LaunchError": "errors", "MpipubError": "errors", "PublishError": "errors",
-    "RemoteError": "errors", "TaskAborted": "errors", "open": "reader", "Run": "reader",
+    "RemoteError": "errors", "TaskAborted": "errors", "TaskNotSendable": "errors",
+    "SinkError": "errors", "SinkFileError": "errors", "open": "reader", "Run": "reader",
     "Reference": "namespace",
 }
 
@@ -46,11 +47,17 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         MpipubError,
         PublishError,
         RemoteError,
+        SinkError,
+        SinkFileError,
         TaskAborted,
+        TaskNotSendable,
     )
     from .namespace import Reference
-    from .reader import Run, open
+    from .reader import Run
+    from .reader import open as open  # (mpipub.open; not in __all__)
 
+# Every name of _WHERE but ``open`` (it would shadow the builtin in ``from mpipub import *``;
+# ``mpipub.open`` stays). tests/test_api.py checks the two lists agree.
 __all__ = [
     "AsyncMapResult",
     "AsyncResult",
@@ -65,8 +72,10 @@ __all__ = [
     "Reference",
     "RemoteError",
     "Run",
+    "SinkError",
+    "SinkFileError",
     "TaskAborted",
+    "TaskNotSendable",
     "engine_comm",
-    "open",
     "publish_data",
 ]

@@ -33,7 +33,7 @@ from .asyncresult import (
     split_parts,
 )
 from .comm import CLIENT_RANK, TAG_CBUF, TAG_CTRL
-from .errors import MpipubError
+from .errors import MpipubError, TaskNotSendable
 from .iothread import IOThread
 from .namespace import Reference, contains_reference
 
@@ -293,7 +293,8 @@ def _encode_task(task_id: int, payload: tuple, label: str, options: dict) -> wir
         dumps = _engine._cloudpickle().dumps  # (imported on first submit: start-up stays light)
         return wire.encode(wire.TASK, task_id, 0, (fn, args, kwargs, options), dumps)
     except Exception as exc:  # noqa: BLE001
-        raise TypeError(f"cannot send {label} to the engines: {_culprit(fn, args, kwargs)}") \
+        raise TaskNotSendable(f"cannot send {label} to the engines: "
+                              f"{_culprit(fn, args, kwargs)}") \
             from exc
 
 

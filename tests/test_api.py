@@ -544,3 +544,25 @@ def test_console_script_run(tmp_path):
                             start_new_session=True)
     job = finish(proc, 60)
     ok(job, "OK console [1, 2] ['--flag', 'x']")
+
+
+def test_public_names_one_error_family():
+    """The public names are those of mpipub._WHERE (``open`` only as ``mpipub.open``), every
+    exception is an MpipubError, and refused input is also the builtin type users catch."""
+    import mpipub
+    from mpipub import errors
+
+    assert set(mpipub.__all__) == set(mpipub._WHERE) - {"open"}
+    for name in mpipub._WHERE:
+        assert getattr(mpipub, name) is not None
+    ns: dict = {}
+    exec("from mpipub import *", ns)
+    assert ns.get("open") is None and callable(mpipub.open)
+    for name in dir(errors):
+        obj = getattr(errors, name)
+        if isinstance(obj, type) and issubclass(obj, BaseException) and obj.__module__ == \
+                errors.__name__:
+            assert issubclass(obj, mpipub.MpipubError), name
+            assert name in mpipub.__all__ or name.startswith(("Remote", "Composite")), name
+    assert issubclass(mpipub.PublishError, ValueError)
+    assert issubclass(mpipub.TaskNotSendable, TypeError)
