@@ -14,6 +14,7 @@ _WHERE = {
     "AsyncMapResult": "asyncresult", "AsyncResult": "asyncresult", "EngineStats": "asyncresult",
     "Publication": "asyncresult", "Client": "client", "DirectView": "client",
     "engine_comm": "datapub", "publish_data": "datapub", "CompositeError": "errors",
+    "ConfigError": "errors",
     "LaunchError": "errors", "MpipubError": "errors", "PublishError": "errors",
     "RemoteError": "errors", "TaskAborted": "errors", "TaskNotSendable": "errors",
     "SinkError": "errors", "SinkFileError": "errors", "open": "reader", "Run": "reader",
@@ -43,6 +44,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .datapub import engine_comm, publish_data
     from .errors import (
         CompositeError,
+        ConfigError,
         LaunchError,
         MpipubError,
         PublishError,
@@ -63,6 +65,7 @@ __all__ = [
     "AsyncResult",
     "Client",
     "CompositeError",
+    "ConfigError",
     "DirectView",
     "EngineStats",
     "LaunchError",

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Callable
 
 from . import comm as _comm
-from . import ending, wire
+from . import config, ending, wire
 from . import engine as _engine
 from . import namespace as _ns
 from .asyncresult import (
@@ -38,7 +38,7 @@ from .iothread import IOThread
 from .namespace import Reference, contains_reference
 
 #: How long ``close()`` waits for engines to stop before it aborts the MPI job.
-CLOSE_TIMEOUT_S = float(os.environ.get("MPIPUB_CLOSE_TIMEOUT_S", "10"))
+CLOSE_TIMEOUT_S = config.get("MPIPUB_CLOSE_TIMEOUT_S")
 
 _runtime: _Runtime | None = None
 _runtime_lock = threading.Lock()

@@ -19,7 +19,7 @@ import time
 import types
 import weakref
 
-from . import wire
+from . import config, wire
 from .comm import CLIENT_RANK, TAG_CBUF, TAG_CTRL, World
 from .errors import MpipubError, TaskAborted
 from .sender import Sender
@@ -32,7 +32,7 @@ from .sender import Sender
 #: 4 ms. Oversubscribed nodes pay that per idle engine: 4 ms.
 POLL_MIN_S = 20e-6
 POLL_GROWTH = 1.5
-POLL_MAX_S = float(os.environ.get("MPIPUB_ENGINE_POLL_MAX_S", "0.004"))
+POLL_MAX_S = config.get("MPIPUB_ENGINE_POLL_MAX_S")
 
 #: Bound on what one engine has sent and the client has not received yet (bytes, and
 #: publications; two messages may always be in flight, see wire.Outbox); past it
@@ -41,8 +41,8 @@ POLL_MAX_S = float(os.environ.get("MPIPUB_ENGINE_POLL_MAX_S", "0.004"))
 #: 8 MiB, 0.83-1.38x with 4 MiB, 0.75-1.0x with 2 MiB (rank 0 waits for the engine to see a
 #: send end); 1 MiB: 3.7x with 4-8 MiB, 2.4-2.5x with 1-2 MiB; 4 engines: 2.0-2.4x with any.
 #: Before huge pages, 8 MiB was 0.56-0.63x at 64 KiB (more 4 KiB pages to walk per transfer).
-MAX_OUTSTANDING_BYTES = int(os.environ.get("MPIPUB_MAX_OUTSTANDING_BYTES", str(4 << 20)))
-MAX_OUTSTANDING_COUNT = int(os.environ.get("MPIPUB_MAX_OUTSTANDING_COUNT", "1024"))
+MAX_OUTSTANDING_BYTES = config.get("MPIPUB_MAX_OUTSTANDING_BYTES")
+MAX_OUTSTANDING_COUNT = config.get("MPIPUB_MAX_OUTSTANDING_COUNT")
 #: A running task reads abort requests at most this often (seconds), from publish_data
 #: (an MPI probe costs a few us: a call every step would be most of a small publication;
 #: and a call that polls takes the Python path, not the C one: at 10 ms that was one call in

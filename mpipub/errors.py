@@ -11,6 +11,10 @@ class LaunchError(MpipubError):
     """The job was started in a way mpipub cannot run in (one rank, no threads, ...)."""
 
 
+class ConfigError(MpipubError, ValueError):
+    """An ``MPIPUB_*`` environment variable has a value mpipub cannot use (mpipub.config)."""
+
+
 class PublishError(MpipubError, ValueError):
     """``publish_data`` refused a value; the message names the key and the step."""
 

@@ -8,19 +8,18 @@ user's thread (which never blocks inside MPI), and hands every received message 
 from __future__ import annotations
 
 import collections
-import os
 import sys
 import threading
 import traceback
 from typing import Callable
 
-from . import wire
+from . import config, wire
 from .comm import TAG_BUF, TAG_MSG, World
 
 #: Idle polling on rank 0; the longest sleep bounds how stale ``ar.data`` can be.
 POLL_MIN_S = 20e-6
 POLL_GROWTH = 1.5
-POLL_MAX_S = float(os.environ.get("MPIPUB_CLIENT_POLL_MAX_S", "0.0005"))
+POLL_MAX_S = config.get("MPIPUB_CLIENT_POLL_MAX_S")
 BATCH = 256  # messages received before looking at the outbox again
 
 

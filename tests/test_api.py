@@ -6,11 +6,12 @@ its traceback, which the test shows.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
 
-from conftest import ok, run_mpi
+from conftest import ROOT, ok, run_mpi
 
 
 def test_views_and_apply(mpi_script):
@@ -566,3 +567,27 @@ def test_public_names_one_error_family():
             assert name in mpipub.__all__ or name.startswith(("Remote", "Composite")), name
     assert issubclass(mpipub.PublishError, ValueError)
     assert issubclass(mpipub.TaskNotSendable, TypeError)
+
+
+def test_configuration_table_is_the_code():
+    from mpipub import config
+
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    for s in config.SETTINGS.values():
+        assert f"| `{s.name}` | `{s.default!r}` |" in text, s.name
+        assert s.help in text, s.name
+    assert config.get("MPIPUB_LINGER_S") == config.SETTINGS["MPIPUB_LINGER_S"].default or \
+        "MPIPUB_LINGER_S" in os.environ
+
+
+@pytest.mark.parametrize("name,value", [("MPIPUB_ENGINE_POLL_MAX_S", "-1"),
+                                        ("MPIPUB_CLOSE_TIMEOUT_S", "ten"),
+                                        ("MPIPUB_MAX_OUTSTANDING_COUNT", "1.5"),
+                                        ("MPIPUB_PURE_PYTHON", "maybe")])
+def test_a_bad_setting_is_one_clear_error(tmp_path, name, value):
+    script = tmp_path / "s.py"
+    script.write_text("from mpipub import Client\nc = Client()\nprint('SHOULD NOT GET HERE')\n")
+    job = run_mpi(2, [str(script)], env={name: value}, timeout=60)
+    assert job.returncode != 0, job.output
+    assert "SHOULD NOT GET HERE" not in job.stdout
+    assert f"mpipub.errors.ConfigError: {name}={value!r}: expected " in job.stderr, job.output
