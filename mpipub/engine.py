@@ -22,6 +22,7 @@ import weakref
 from . import config, wire
 from .comm import CLIENT_RANK, TAG_CBUF, TAG_CTRL, World
 from .errors import MpipubError, TaskAborted
+from .polling import Backoff
 from .sender import Sender
 
 #: Idle polling: first sleep, growth factor and longest sleep (seconds). The longest sleep
@@ -269,7 +270,7 @@ class Engine:
         _announce_deaths(self)
         old = {sig: signal.signal(sig, self._on_signal)
                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-        sleep = POLL_MIN_S
+        idle = Backoff(POLL_MIN_S, POLL_GROWTH, POLL_MAX_S)
         try:
             while True:
                 if not self.inbox:
@@ -279,10 +280,9 @@ class Engine:
                     if self.terminating_since and time.monotonic() - self.terminating_since > 10:
                         # SIGTERM and no word from the client for 10 s: it is gone; leave.
                         return
-                    time.sleep(sleep)
-                    sleep = min(sleep * POLL_GROWTH, POLL_MAX_S)
+                    time.sleep(idle.next())
                     continue
-                sleep = POLL_MIN_S
+                idle.reset()
                 if m.kind == wire.STOP:
                     self.sender.drain()
                     self.send(wire.BYE, 0, None)
