@@ -30,6 +30,13 @@ def __getattr__(name: str):
     return value
 
 
+def load_ipython_extension(ip) -> None:
+    """``%load_ext mpipub``: ``%px`` / ``%%px`` and readable remote errors (mpipub.notebook)."""
+    from .notebook.magics import load
+
+    load(ip)
+
+
 def __dir__():
     return sorted(list(globals()) + list(_WHERE))
 
