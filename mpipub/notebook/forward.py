@@ -89,7 +89,7 @@ def show_exception(shell, etype, value, tb, tb_offset=None):
         stb = shell.InteractiveTB.structured_traceback(etype, value, tb, tb_offset=tb_offset)
         note = interrupt_note()
         if note:
-            value = KeyboardInterrupt(note)
+            value.args = (note,)  # (the execute reply's evalue is this exception's str)
             stb = [*stb, note]
     shell._showtraceback(etype, value, stb)
     return stb
