@@ -20,6 +20,10 @@ _WHERE = {
 
 
 def __getattr__(name: str):
+    if name == "plot":  # the submodule mpipub.plot (live plots), on first use
+        import importlib
+
+        return importlib.import_module(f"{__name__}.plot")
     mod = _WHERE.get(name)
     if mod is None:
         raise AttributeError(f"module 'mpipub' has no attribute {name!r}")
@@ -38,7 +42,7 @@ def load_ipython_extension(ip) -> None:
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_WHERE))
+    return sorted(list(globals()) + list(_WHERE) + ["plot"])
 
 
 TYPE_CHECKING = False  # (no typing import at start-up)
