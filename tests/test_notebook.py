@@ -326,6 +326,7 @@ WAITS = {
     "wait": "ar.wait()",
     "wait_interactive": "ar.wait_interactive()",
     "stream": "for pub in ar.stream():\n    pass",
+    "live plot": "import mpipub\nmpipub.plot.live(ar, 'i', interval=0.2)",
 }
 
 
@@ -428,3 +429,32 @@ def test_kernel_module_on_engines_does_not_import_ipykernel(tmp_path):
     job = run_mpi(3, [str(script)], timeout=60)
     assert job.returncode == 0, job.output
     assert job.stdout.count("False") == 2, job.output
+
+
+@pytest.mark.timeout(180)
+def test_live_plot_updates_one_display(kernel):
+    content, out = kernel.execute("""
+import mpipub
+from mpipub import Client
+c = Client()
+def sim(n):
+    import time, numpy as np
+    from mpipub import publish_data
+    for i in range(n):
+        publish_data({"a": np.random.rand(20), "i": i})
+        time.sleep(0.05)
+ar = c[:].apply_async(sim, 40)
+mpipub.plot.live(ar, "a", interval=0.3)
+print("done", ar.ready())
+""")
+    assert content["status"] == "ok", content
+    assert out["stdout"].endswith("done True\n")
+    shown = [m for m in out["msgs"] if m["msg_type"] == "display_data"]
+    updates = [m for m in out["msgs"] if m["msg_type"] == "update_display_data"]
+    assert len(shown) == 1, [m["msg_type"] for m in out["msgs"]]  # one figure, no pyplot copy
+    display_id = shown[0]["content"]["transient"]["display_id"]
+    assert "image/png" in shown[0]["content"]["data"]
+    assert updates, "the figure was never updated in place"
+    for m in updates:
+        assert m["content"]["transient"]["display_id"] == display_id
+        assert "image/png" in m["content"]["data"]
