@@ -458,3 +458,50 @@ print("done", ar.ready())
     for m in updates:
         assert m["content"]["transient"]["display_id"] == display_id
         assert "image/png" in m["content"]["data"]
+
+
+@pytest.mark.timeout(300)
+def test_example_notebook_end_to_end(kernel_dir, tmp_path):
+    """examples/datapub.ipynb, committed with its outputs cleared, runs on an mpipub kernel:
+    the published dicts, a plot of the latest data, a live plot and a %%px cell."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    from jupyter_client import AsyncKernelManager
+    from jupyter_client.utils import run_sync
+
+    nb = nbformat.read(ROOT / "examples" / "datapub.ipynb", as_version=4)
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code_cells)
+    ksm = KernelSpecManager(kernel_dirs=[str(kernel_dir)])
+    km = AsyncKernelManager(kernel_name="mpipub-test", kernel_spec_manager=ksm)
+    client = nbclient.NotebookClient(nb, km=km, timeout=120, startup_timeout=START_TIMEOUT_S,
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MPLBACKEND", None)
+    procs: list = []
+    try:
+        client.execute(env=env)
+        procs = job_processes(km.provisioner.process.pid)
+        assert len(procs) >= ENGINES + 2
+        run_sync(km.shutdown_kernel)()
+        assert wait_gone(procs) == []
+    finally:
+        for p in alive(procs):
+            p.kill()
+        if km.has_kernel:
+            run_sync(km.shutdown_kernel)(now=True)
+
+    def outputs(marker: str) -> list:
+        cell = next(c for c in code_cells if marker in c.source)
+        assert not [o for o in cell.outputs if o.output_type == "error"], cell.outputs
+        return cell.outputs
+
+    hi = outputs("publish_hi")
+    assert any(o.output_type == "execute_result" and
+               o.data["text/plain"] == repr([{"a": "hi"}] * ENGINES) for o in hi), hi
+    for marker in ("plt.plot", "mpipub.plot.live"):
+        assert any(o.output_type == "display_data" and "image/png" in o.data
+                   for o in outputs(marker)), marker
+    px = "".join(o.get("text", "") for o in outputs("%%px"))
+    for e in range(1, ENGINES + 1):
+        assert f"[stdout:{e}] engine {e} pid" in px, px
