@@ -385,8 +385,30 @@ def g_inline(cfg, tmp, rows, raw):
                           r["inline"], ratio, "report", None))
 
 
+def g_kernel(cfg, tmp, rows, raw):
+    try:
+        import ipykernel  # noqa: F401
+        import jupyter_client  # noqa: F401
+        import psutil  # noqa: F401
+    except ImportError as exc:
+        rows.append({"row": "6k", "what": "Jupyter kernel", "config": "-", "pending": True,
+                     "note": f"pending: install mpipub[notebook] and psutil ({exc!r})"})
+        return
+    from mpipub.bench.w_kernel import kernel_times
+
+    res = kernel_times(tmp, 4, cfg["start_repeats"])
+    raw.append({"group": "kernel", "result": res})
+    sec = lambda x: f"{x:.2f} s"  # noqa: E731
+    for what, key in (("kernel start to first cell", "start"), ("kernel shutdown", "stop")):
+        extra = med(res[f"mpipub_{key}"]) - med(res[f"plain_{key}"])
+        rows.append(entry("6k", what, "4 eng, jupyter_client", "plain ipykernel", "s",
+                          res[f"plain_{key}"], "mpipub kernel", res[f"mpipub_{key}"], extra,
+                          "<= plain + 1 s", extra <= 1.0, fmt=sec))
+        rows[-1]["ratio_shown"] = f"{extra:+.2f} s"
+
+
 GROUPS = {"inline": g_inline, "stream": g_stream, "latency": g_latency, "start": g_start,
-          "sink": g_sink, "scale": g_scale, "ipp": g_ipp}
+          "kernel": g_kernel, "sink": g_sink, "scale": g_scale, "ipp": g_ipp}
 
 
 # -- output ---------------------------------------------------------------------------------------
