@@ -112,7 +112,9 @@ class Kernel:
             if msg["msg_type"] == "stream":
                 out[msg["content"]["name"]] += msg["content"]["text"]
 
-        reply = self.kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+        # (stop_on_error=False: ipykernel would abort a request queued right after an error)
+        reply = self.kc.execute_interactive(code, timeout=timeout, output_hook=hook,
+                                            stop_on_error=False)
         return reply["content"], out
 
     def ok(self, code: str, timeout: float = CELL_TIMEOUT_S) -> dict:
@@ -326,21 +328,28 @@ WAITS = {
     "wait": "ar.wait()",
     "wait_interactive": "ar.wait_interactive()",
     "stream": "for pub in ar.stream():\n    pass",
-    "live plot": "import mpipub\nmpipub.plot.live(ar, 'i', interval=0.2)",
+    "live plot": "mpipub.plot.live(ar, 'i', interval=0.2)",
 }
+# imported before the waiting cell: an interrupt that lands inside the first import of numpy
+# leaves it half-initialised for the rest of the process (any Python program, not mpipub's)
+WAIT_SETUP = ("import mpipub.plot, numpy, matplotlib.figure, matplotlib.backends.backend_agg, "
+              "IPython.display")
 
 
 def interrupt_cell(kernel: Kernel, waiting_code: str, interrupts: int = 1) -> tuple[dict, list]:
-    """Start SLOW_TASK's cell waiting with ``waiting_code``, interrupt once engines print,
-    return the reply and the messages."""
-    kernel.ok(SLOW_TASK + "\nar.wait(timeout=0.2)")
-    msg_id = kernel.kc.execute(waiting_code)
+    """Start SLOW_TASK, then a cell that waits with ``waiting_code``; interrupt once that cell
+    says it is about to wait; return the reply and the messages."""
+    kernel.ok(WAIT_SETUP + "\n" + SLOW_TASK + "\nar.wait(timeout=0.2)")
+    msg_id = kernel.kc.execute("print('waiting', flush=True)\n" + waiting_code,
+                               stop_on_error=False)
     msgs = []
     deadline = time.monotonic() + CELL_TIMEOUT_S
-    while time.monotonic() < deadline:  # the cell runs (busy) and waits
+    while True:  # the cell runs and is about to wait
+        assert time.monotonic() < deadline, msgs
         msg = kernel.kc.get_iopub_msg(timeout=CELL_TIMEOUT_S)
         msgs.append(msg)
-        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream" and \
+                "waiting" in msg["content"]["text"]:
             break
     for _ in range(interrupts):
         kernel.interrupt()

@@ -36,7 +36,7 @@ def sim(n):
         publish_data({{"tile": np.full((4, 4), i), "x": float(i), "line": np.arange(5) * i}})
         time.sleep(0.02 if r == 0 else 0.06)
     return n
-ar = c[:].apply_async(sim, 40)
+ar = c[:].apply_async(sim, 100)
 png = {str(tmp_path / "tile.png")!r}
 assert P.live(ar, "tile", interval=0.2, aligned=True, png=png) == png
 assert ar.ready()
@@ -48,17 +48,17 @@ for title, frame, _ in frames:
     if vals:  # every engine's tile from one step, the one in the title
         assert len(vals) == 2 and len(set(vals.values())) == 1, (title, vals)
         assert f"step {{vals[1]}}" in title, (title, vals)
-assert "step 39" in frames[-1][0] and "(done)" in frames[-1][0], frames[-1][0]
+assert "step 99" in frames[-1][0] and "(done)" in frames[-1][0], frames[-1][0]
 # data_at: what each engine published at a step, None where it did not
 d = ar.data_at(7)
 assert [int(x["tile"][0, 0]) for x in d] == [7, 7] and d[0]["x"] == 7.0
-assert ar.data_at(40) == [None, None]
+assert ar.data_at(100) == [None, None]
 assert c[1].apply_async(lambda: 1).data_at(0) is None
 # scalars: a time series per engine, to the last step
 frames.clear()
 P.live(ar, "x", png={str(tmp_path / "x.png")!r})
 title, frame, series = frames[-1]
-assert sorted(series) == [1, 2] and series[1][0] == list(range(40)), series
+assert sorted(series) == [1, 2] and series[1][0] == list(range(100)), series
 # 1-D lines, latest mode; a non-numeric key is a one-line TypeError naming key and engine
 P.live(ar, "line", png={str(tmp_path / "line.png")!r})
 ar2 = c[:].apply_async(lambda: mpipub.publish_data({{"s": "text"}}))
