@@ -400,11 +400,11 @@ def g_kernel(cfg, tmp, rows, raw):
     raw.append({"group": "kernel", "result": res})
     sec = lambda x: f"{x:.2f} s"  # noqa: E731
     for what, key in (("kernel start to first cell", "start"), ("kernel shutdown", "stop")):
-        extra = med(res[f"mpipub_{key}"]) - med(res[f"plain_{key}"])
+        plain, pub = med(res[f"plain_{key}"]), med(res[f"mpipub_{key}"])
         rows.append(entry("6k", what, "4 eng, jupyter_client", "plain ipykernel", "s",
-                          res[f"plain_{key}"], "mpipub kernel", res[f"mpipub_{key}"], extra,
-                          "<= plain + 1 s", extra <= 1.0, fmt=sec))
-        rows[-1]["ratio_shown"] = f"{extra:+.2f} s"
+                          res[f"plain_{key}"], "mpipub kernel", res[f"mpipub_{key}"],
+                          pub / plain, "<= plain + 1 s", pub - plain <= 1.0, fmt=sec))
+        rows[-1]["ratio_shown"] = f"{pub / plain:.2f}x ({pub - plain:+.2f} s)"
 
 
 GROUPS = {"inline": g_inline, "stream": g_stream, "latency": g_latency, "start": g_start,
