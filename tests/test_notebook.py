@@ -293,6 +293,19 @@ print(c[:].apply_sync(talk, {str(flag)!r}))
     assert "engine 1 on" in text and "ZeroDivisionError: division by zero" in text
     assert "return 1 / x" in text or "in boom" in text, text
     assert "Traceback (most recent call last)" in text
+    # a client with a sink: close() closes (and finishes) its file, the engines keep serving
+    sink = kernel.tmp / "cell.h5"
+    out = kernel.ok(f"""
+import mpipub
+cs = Client(sink={str(sink)!r})
+def pub():
+    from mpipub import publish_data
+    publish_data({{"x": 1.0}})
+cs[:].apply_sync(pub)
+cs.close()
+print(mpipub.open({str(sink)!r}).closed_cleanly, c[:].apply_sync(lambda: 3))
+""")
+    assert out["stdout"] == "True [3, 3]\n", out
     # shutdown leaves no process of the job behind
     procs = job_processes(kernel.km.provisioner.process.pid)
     assert len(procs) >= ENGINES + 2, procs  # mpiexec, (proxy), the ranks
