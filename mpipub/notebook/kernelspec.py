@@ -102,6 +102,11 @@ def install(engines: int = DEFAULT_ENGINES, name: str | None = None,
     """Write the kernelspec; return the directory it went to. Without ``user`` or ``prefix``
     it goes to Jupyter's system-wide directory (as ``ipython kernel install`` does)."""
     spec = make_spec(engines, find_launcher(launcher), display_name)
+    import importlib.util
+
+    if importlib.util.find_spec("ipykernel") is None:
+        raise KernelSpecError(f"ipykernel is not installed for {sys.executable} (the kernel "
+                              "runs it): pip install 'mpipub[notebook]'")
     name = name or f"mpipub-{engines}"
     if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise KernelSpecError(f"kernel name {name!r} may hold only letters, digits, '-', '_', '.'")
