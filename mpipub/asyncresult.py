@@ -372,6 +372,22 @@ class AsyncResult:
         single-engine view). A snapshot: later publications do not change what you hold."""
         return self._per_engine([dict(self._rec.merged_data(e)) for e in self._engines])
 
+    def data_at(self, step: int) -> dict | None | list[dict | None]:
+        """What each engine published at ``step`` (not merged), like ``Run.data_at``: None
+        where an engine has not published that step, or where it is older than the history
+        the client keeps (``Client(history_bytes=...)``; a sink keeps every step)."""
+        rec = self._rec
+        with rec.cond:
+            batches = list(rec.history)
+        found: dict[int, dict | None] = {e: None for e in rec.engines}
+        for b in reversed(batches):
+            if found[b.engine] is None and b.first_step <= step < b.first_step + b.count:
+                for s, _t, d, _n in b.publications():
+                    if s == step:
+                        found[b.engine] = dict(d)
+                        break
+        return self._per_engine([found[e] for e in rec.engines])
+
     @property
     def stats(self) -> dict[int, EngineStats]:
         """Per-engine counters: publications, bytes, last step, time of last arrival, lag."""

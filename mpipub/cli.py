@@ -1,5 +1,5 @@
-"""The ``mpipub`` command line: ``run`` a script under MPI, and (with a sink file)
-``info``, ``plot`` and ``watch``."""
+"""The ``mpipub`` command line: ``run`` a script under MPI, (with a sink file) ``info``,
+``plot`` and ``watch``, and ``kernel install|list|remove`` for Jupyter."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ def _parser(sink_commands: bool = True) -> argparse.ArgumentParser:
         from . import sinkcli
 
         sinkcli.add_commands(sub)
+        from .notebook import kernelspec
+
+        kernelspec.add_commands(sub)
     return p
 
 
