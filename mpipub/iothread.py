@@ -15,6 +15,7 @@ from typing import Callable
 
 from . import config, wire
 from .comm import TAG_BUF, TAG_MSG, World
+from .polling import Backoff
 
 #: Idle polling on rank 0; the longest sleep bounds how stale ``ar.data`` can be.
 POLL_MIN_S = 20e-6
@@ -80,7 +81,7 @@ class IOThread(threading.Thread):
         comm, MPI = self.comm, self.MPI
         status = MPI.Status()
         any_source = MPI.ANY_SOURCE
-        sleep = POLL_MIN_S
+        idle = Backoff(POLL_MIN_S, POLL_GROWTH, POLL_MAX_S)
         outq, outbox, route = self.outq, self.outbox, self.route
         alloc = self.recv_pool.take
         improbe = wire.improbe
@@ -97,11 +98,10 @@ class IOThread(threading.Thread):
                 route(wire.recv_message(comm, MPI, msg, status, TAG_BUF, alloc))
                 worked = True
             if worked:
-                sleep = POLL_MIN_S
+                idle.reset()
                 continue
             if self.quiet is not None and not len(outbox) and self.quiet():
                 self.wake.wait(POLL_IDLE_S)
             else:
-                self.wake.wait(sleep)
+                self.wake.wait(idle.next())
             self.wake.clear()
-            sleep = min(sleep * POLL_GROWTH, POLL_MAX_S)
