@@ -11,6 +11,7 @@ import builtins
 import collections
 import contextlib
 import itertools
+import linecache
 import operator
 import os
 import signal
@@ -137,7 +138,7 @@ class _Runtime:
         Serialisation happens here, in the user's thread, so an unpicklable function or
         argument fails at submit time with the culprit named."""
         self.check_open()
-        options: dict = {"main_file": _main_file()}
+        options: dict = {"main_source": _main_source(payloads[0][0])}
         for s in self.sinks:
             options.update(s.task_options())
         task_id = next(self.task_ids)
@@ -275,10 +276,19 @@ def _last_step(rec: TaskRecord, engine: int) -> str:
     return "no step published" if step is None else f"step {step}"
 
 
-def _main_file() -> str | None:
-    """The client's script, for engines to name in tracebacks (None in a notebook)."""
+def _main_source(fn) -> tuple[str, list[str] | None] | None:
+    """Where the task's ``__main__`` code comes from, so that remote tracebacks show its file
+    and lines: the client's script (engines read it from the shared file system), or in a
+    notebook the function's cell (its lines travel with the task)."""
     path = getattr(sys.modules.get("__main__"), "__file__", None)
-    return os.path.abspath(path) if isinstance(path, str) else None
+    if isinstance(path, str):
+        return os.path.abspath(path), None
+    code = getattr(fn, "__code__", None)
+    if code is not None and getattr(fn, "__module__", None) == "__main__":
+        lines = linecache.getlines(code.co_filename)
+        if lines:
+            return code.co_filename, lines
+    return None
 
 
 def _culprit(fn, args, kwargs) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import collections
 import io
+import linecache
 import os
 import pickle
 import signal
@@ -391,11 +392,14 @@ class Engine:
         they captured on the client travel with them and are set there first."""
         if isinstance(fn, types.FunctionType) and fn.__module__ == "__main__":
             ns = self.namespace
-            source = self.task_options.get("main_file")
+            source, lines = self.task_options.get("main_source") or (None, None)
+            if lines:  # a notebook cell's code: its lines, for tracebacks (linecache's form)
+                linecache.cache[source] = (sum(map(len, lines)), None, lines, source)
+            script = source if lines is None else None  # every __main__ function is from it
             for k, v in fn.__globals__.items():
                 if not (k.startswith("__") and k.endswith("__")):
-                    if source and isinstance(v, types.FunctionType) and v.__module__ == "__main__":
-                        v.__code__ = _with_filename(v.__code__, source)
+                    if script and isinstance(v, types.FunctionType) and v.__module__ == "__main__":
+                        v.__code__ = _with_filename(v.__code__, script)
                     ns[k] = v
             code = _with_filename(fn.__code__, source) if source else fn.__code__
             new = types.FunctionType(code, ns, fn.__name__, fn.__defaults__, fn.__closure__)
