@@ -14,13 +14,19 @@ _WHERE = {
     "AsyncMapResult": "asyncresult", "AsyncResult": "asyncresult", "EngineStats": "asyncresult",
     "Publication": "asyncresult", "Client": "client", "DirectView": "client",
     "engine_comm": "datapub", "publish_data": "datapub", "CompositeError": "errors",
+    "ConfigError": "errors",
     "LaunchError": "errors", "MpipubError": "errors", "PublishError": "errors",
-    "RemoteError": "errors", "TaskAborted": "errors", "open": "reader", "Run": "reader",
+    "RemoteError": "errors", "TaskAborted": "errors", "TaskNotSendable": "errors",
+    "SinkError": "errors", "SinkFileError": "errors", "open": "reader", "Run": "reader",
     "Reference": "namespace",
 }
 
 
 def __getattr__(name: str):
+    if name == "plot":  # the submodule mpipub.plot (live plots), on first use
+        import importlib
+
+        return importlib.import_module(f"{__name__}.plot")
     mod = _WHERE.get(name)
     if mod is None:
         raise AttributeError(f"module 'mpipub' has no attribute {name!r}")
@@ -31,8 +37,15 @@ def __getattr__(name: str):
     return value
 
 
+def load_ipython_extension(ip) -> None:
+    """``%load_ext mpipub``: ``%px`` / ``%%px`` and readable remote errors (mpipub.notebook)."""
+    from .notebook.magics import load
+
+    load(ip)
+
+
 def __dir__():
-    return sorted(list(globals()) + list(_WHERE))
+    return sorted(list(globals()) + list(_WHERE) + ["plot"])
 
 
 TYPE_CHECKING = False  # (no typing import at start-up)
@@ -42,20 +55,28 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .datapub import engine_comm, publish_data
     from .errors import (
         CompositeError,
+        ConfigError,
         LaunchError,
         MpipubError,
         PublishError,
         RemoteError,
+        SinkError,
+        SinkFileError,
         TaskAborted,
+        TaskNotSendable,
     )
     from .namespace import Reference
-    from .reader import Run, open
+    from .reader import Run
+    from .reader import open as open  # (mpipub.open; not in __all__)
 
+# Every name of _WHERE but ``open`` (it would shadow the builtin in ``from mpipub import *``;
+# ``mpipub.open`` stays). tests/test_api.py checks the two lists agree.
 __all__ = [
     "AsyncMapResult",
     "AsyncResult",
     "Client",
     "CompositeError",
+    "ConfigError",
     "DirectView",
     "EngineStats",
     "LaunchError",
@@ -65,8 +86,10 @@ __all__ = [
     "Reference",
     "RemoteError",
     "Run",
+    "SinkError",
+    "SinkFileError",
     "TaskAborted",
+    "TaskNotSendable",
     "engine_comm",
-    "open",
     "publish_data",
 ]

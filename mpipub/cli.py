@@ -1,5 +1,6 @@
 """The ``mpipub`` command line: ``run`` a script under MPI, ``jobscript`` (a SLURM batch
-script for it), and (with a sink file) ``info``, ``plot`` and ``watch``."""
+script for it), (with a sink file) ``info``, ``plot`` and ``watch``, and ``kernel
+install|list|remove`` for Jupyter."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ def _parser(sink_commands: bool = True) -> argparse.ArgumentParser:
 
         jobscript.add_command(sub)
         sinkcli.add_commands(sub)
+        from .notebook import kernelspec
+
+        kernelspec.add_commands(sub)
     return p
 
 

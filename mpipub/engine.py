@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import collections
 import io
+import linecache
 import os
 import pickle
 import signal
@@ -19,9 +20,10 @@ import time
 import types
 import weakref
 
-from . import wire
+from . import config, wire
 from .comm import CLIENT_RANK, TAG_CBUF, TAG_CTRL, World
 from .errors import MpipubError, TaskAborted
+from .polling import Backoff
 from .sender import Sender
 
 #: Idle polling: first sleep, growth factor and longest sleep (seconds). The longest sleep
@@ -32,7 +34,7 @@ from .sender import Sender
 #: 4 ms. Oversubscribed nodes pay that per idle engine: 4 ms.
 POLL_MIN_S = 20e-6
 POLL_GROWTH = 1.5
-POLL_MAX_S = float(os.environ.get("MPIPUB_ENGINE_POLL_MAX_S", "0.004"))
+POLL_MAX_S = config.get("MPIPUB_ENGINE_POLL_MAX_S")
 
 #: Bound on what one engine has sent and the client has not received yet (bytes, and
 #: publications; two messages may always be in flight, see wire.Outbox); past it
@@ -41,8 +43,8 @@ POLL_MAX_S = float(os.environ.get("MPIPUB_ENGINE_POLL_MAX_S", "0.004"))
 #: 8 MiB, 0.83-1.38x with 4 MiB, 0.75-1.0x with 2 MiB (rank 0 waits for the engine to see a
 #: send end); 1 MiB: 3.7x with 4-8 MiB, 2.4-2.5x with 1-2 MiB; 4 engines: 2.0-2.4x with any.
 #: Before huge pages, 8 MiB was 0.56-0.63x at 64 KiB (more 4 KiB pages to walk per transfer).
-MAX_OUTSTANDING_BYTES = int(os.environ.get("MPIPUB_MAX_OUTSTANDING_BYTES", str(4 << 20)))
-MAX_OUTSTANDING_COUNT = int(os.environ.get("MPIPUB_MAX_OUTSTANDING_COUNT", "1024"))
+MAX_OUTSTANDING_BYTES = config.get("MPIPUB_MAX_OUTSTANDING_BYTES")
+MAX_OUTSTANDING_COUNT = config.get("MPIPUB_MAX_OUTSTANDING_COUNT")
 #: A running task reads abort requests at most this often (seconds), from publish_data
 #: (an MPI probe costs a few us: a call every step would be most of a small publication;
 #: and a call that polls takes the Python path, not the C one: at 10 ms that was one call in
@@ -269,7 +271,7 @@ class Engine:
         _announce_deaths(self)
         old = {sig: signal.signal(sig, self._on_signal)
                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-        sleep = POLL_MIN_S
+        idle = Backoff(POLL_MIN_S, POLL_GROWTH, POLL_MAX_S)
         try:
             while True:
                 if not self.inbox:
@@ -279,10 +281,9 @@ class Engine:
                     if self.terminating_since and time.monotonic() - self.terminating_since > 10:
                         # SIGTERM and no word from the client for 10 s: it is gone; leave.
                         return
-                    time.sleep(sleep)
-                    sleep = min(sleep * POLL_GROWTH, POLL_MAX_S)
+                    time.sleep(idle.next())
                     continue
-                sleep = POLL_MIN_S
+                idle.reset()
                 if m.kind == wire.STOP:
                     self.sender.drain()
                     self.send(wire.BYE, 0, None)
@@ -391,11 +392,14 @@ class Engine:
         they captured on the client travel with them and are set there first."""
         if isinstance(fn, types.FunctionType) and fn.__module__ == "__main__":
             ns = self.namespace
-            source = self.task_options.get("main_file")
+            source, lines = self.task_options.get("main_source") or (None, None)
+            if lines:  # a notebook cell's code: its lines, for tracebacks (linecache's form)
+                linecache.cache[source] = (sum(map(len, lines)), None, lines, source)
+            script = source if lines is None else None  # every __main__ function is from it
             for k, v in fn.__globals__.items():
                 if not (k.startswith("__") and k.endswith("__")):
-                    if source and isinstance(v, types.FunctionType) and v.__module__ == "__main__":
-                        v.__code__ = _with_filename(v.__code__, source)
+                    if script and isinstance(v, types.FunctionType) and v.__module__ == "__main__":
+                        v.__code__ = _with_filename(v.__code__, script)
                     ns[k] = v
             code = _with_filename(fn.__code__, source) if source else fn.__code__
             new = types.FunctionType(code, ns, fn.__name__, fn.__defaults__, fn.__closure__)

@@ -11,8 +11,25 @@ class LaunchError(MpipubError):
     """The job was started in a way mpipub cannot run in (one rank, no threads, ...)."""
 
 
-class PublishError(ValueError):
+class ConfigError(MpipubError, ValueError):
+    """An ``MPIPUB_*`` environment variable has a value mpipub cannot use (mpipub.config)."""
+
+
+class PublishError(MpipubError, ValueError):
     """``publish_data`` refused a value; the message names the key and the step."""
+
+
+class TaskNotSendable(MpipubError, TypeError):
+    """A task (its function, an argument or a keyword) cannot be serialised; raised on
+    rank 0 at submit time, naming the culprit."""
+
+
+class SinkError(MpipubError):
+    """The sink file cannot be created or written."""
+
+
+class SinkFileError(MpipubError):
+    """A path that is not a readable mpipub sink file (missing, not HDF5, damaged)."""
 
 
 class TaskAborted(MpipubError):

@@ -22,9 +22,10 @@ where each entry is one of
 
 from __future__ import annotations
 
-import os
 import pickle
 from typing import Callable
+
+from . import config
 
 VALUE = 0
 ARRAY = 1
@@ -99,7 +100,7 @@ class _BatchFields:
 
 
 fastpub = None  # mpipub._fastpub when it is built and not turned off (see _fastpub.c)
-if os.environ.get("MPIPUB_PURE_PYTHON", "") in ("", "0"):
+if not config.get("MPIPUB_PURE_PYTHON"):
     try:
         from . import _fastpub as fastpub
     except ImportError:

@@ -14,11 +14,7 @@ import h5py
 import numpy as np
 
 from . import layout as L
-from .errors import MpipubError
-
-
-class SinkFileError(MpipubError):
-    """A path that is not a readable mpipub sink file."""
+from .errors import SinkFileError
 
 
 class _Leaf:

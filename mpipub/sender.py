@@ -19,12 +19,11 @@ CPU).
 from __future__ import annotations
 
 import math
-import os
 import sys
 import threading
 import time
 
-from . import packing, wire
+from . import config, packing, wire
 from .comm import CLIENT_RANK, TAG_BUF, TAG_MSG
 from .errors import MpipubError
 from .packing import Batch, fastpub
@@ -35,7 +34,7 @@ BATCH_BYTES = 1 << 20
 BATCH_PUBS = 256
 MAX_AGE_S = 0.002
 #: The flusher sends an open batch once nothing was added to it for this long (seconds).
-LINGER_S = float(os.environ.get("MPIPUB_LINGER_S", "0.0001"))
+LINGER_S = config.get("MPIPUB_LINGER_S")
 #: The flusher tests outstanding sends (returning their buffers to the pool) with a sleep
 #: that doubles from _PROGRESS_MIN_S to _PROGRESS_MAX_S while none completes.
 _PROGRESS_MIN_S = 50e-6

@@ -37,12 +37,7 @@ import numpy as np
 from h5py import h5s
 
 from . import layout as L
-from .errors import MpipubError
-
-
-class SinkError(MpipubError):
-    """The sink file cannot be created or written."""
-
+from .errors import SinkError
 
 _END = object()
 

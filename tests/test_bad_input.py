@@ -211,7 +211,6 @@ def test_bad_values_are_delivered_exactly_or_refused(mpi_script):
     assert "DONE" in job.stdout, job.output
 
 
-@pytest.mark.bigmem
 def test_a_value_the_client_cannot_rebuild_is_reported_and_the_rest_arrives(mpi_script):
     """A value pickles on the engine but fails to unpickle on rank 0: the client says which
     engine, task, step and key on stderr, leaves that key out, and loses nothing else, both
@@ -255,6 +254,7 @@ def test_a_value_the_client_cannot_rebuild_is_reported_and_the_rest_arrives(mpi_
     assert len(said) == 2, said  # once each, though ar.data and stream() both decoded it
 
 
+@pytest.mark.bigmem
 def test_array_over_2gib_is_delivered_exactly(mpi_script):
     """One value over 2 GiB (MPI large counts). Rank 0 and the engine both hold copies
     (about 7 GB in all); deselect with ``-m 'not bigmem'`` on small CI machines."""

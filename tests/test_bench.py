@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import MPIEXEC, ROOT, mpi_env
+from conftest import MPIEXEC, mpi_env
 
 pytestmark = pytest.mark.skipif(not MPIEXEC, reason="mpiexec not found")
 
@@ -55,4 +55,3 @@ def test_bench_quick(tmp_path):
     md = (out / "latest.md").read_text()
     assert "| # | what |" in md and md.count("\n|") >= len(rows) + 1
     assert "| # | what |" in stdout
-    assert str(ROOT)  # the package under test is this checkout (conftest's PYTHONPATH)
