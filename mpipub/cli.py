@@ -40,7 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser(sink_commands=argv[:1] != ["run"]).parse_args(argv)
     if args.command == "run":
+        from .ending import install_signal_handlers
         from .runner import run_script
+
+        # at once: SLURM's time-limit warning (SIGUSR1) may come before Client() is made,
+        # and its default action kills the process without closing anything
+        install_signal_handlers()
 
         opts = {"overwrite": True} if args.sink_overwrite else {}
         for name, opt in (("sink_flush", "flush_interval"), ("sink_compression", "compression"),
