@@ -15,10 +15,23 @@ import numpy as np
 
 from . import layout as L
 from .errors import MpipubError
+from .h5file import open_swmr, superblock
 
 
 class SinkFileError(MpipubError):
-    """A path that is not a readable mpipub sink file."""
+    """A path that is not a readable mpipub sink file, or a damaged one (truncated, ...)."""
+
+
+class _DamagedRead(SinkFileError):
+    """A dataset that HDF5 could not read (retried in ``refresh()`` while a writer is live)."""
+
+
+class _Truncated(OSError):
+    """The file is shorter than the end-of-file address HDF5 recorded in it."""
+
+    def __init__(self, sb):
+        super().__init__("truncated")
+        self.sb = sb
 
 
 class _Leaf:
@@ -28,18 +41,32 @@ class _Leaf:
         self._f, self.ds, self.idx, self.kind, self.version = f, ds, idx, kind, version
         self._steps = None
 
+    def _damaged(self, exc: OSError) -> SinkFileError:
+        return _DamagedRead(f"{self._f.filename}: damaged: cannot read {self.ds}: "
+                             f"{' '.join(str(exc).split())}")
+
     def steps(self) -> np.ndarray:
         if self._steps is None:
-            d, i = self._f[self.ds], self._f[self.idx]
-            n = min(d.shape[0], i.shape[0])
-            self._steps = np.asarray(i[:n])
+            try:
+                d, i = self._f[self.ds], self._f[self.idx]
+                n = min(d.shape[0], i.shape[0])
+                self._steps = np.asarray(i[:n])
+            except OSError as exc:
+                raise self._damaged(exc) from None
         return self._steps
 
     def rows(self):
-        return self._f[self.ds][: len(self.steps())]
+        n = len(self.steps())
+        try:
+            return self._f[self.ds][:n]
+        except OSError as exc:
+            raise self._damaged(exc) from None
 
     def row(self, pos: int):
-        return L.to_python(self.kind, self._f[self.ds][pos])
+        try:
+            return L.to_python(self.kind, self._f[self.ds][pos])
+        except OSError as exc:
+            raise self._damaged(exc) from None
 
     def values(self) -> list:
         return [L.to_python(self.kind, r) for r in self.rows()]
@@ -164,7 +191,11 @@ class TaskData:
         self._eng: dict[int, EngineData] = {}
         for name in g:
             if name.startswith("engine_"):
-                e = EngineData(f, f"{group}/{name}")
+                try:
+                    e = EngineData(f, f"{group}/{name}")
+                except OSError as exc:
+                    raise _DamagedRead(f"{f.filename}: damaged: cannot read {group}/{name}: "
+                                       f"{' '.join(str(exc).split())}") from None
                 self._eng[e.rank] = e
         self.engines = sorted(self._eng)
 
@@ -253,20 +284,49 @@ class Run:
             raise SinkFileError(f"{p}: no such file")
         if os.path.isdir(p):
             raise SinkFileError(f"{p}: is a directory, not an HDF5 file")
-        if not h5py.is_hdf5(p):
+        sb = superblock(p) if h5py.is_hdf5(p) else None
+        if sb is None:
             raise SinkFileError(f"{p}: not an HDF5 file")
-        try:
-            f = h5py.File(p, "r", swmr=True, locking=False)
-        except OSError:
+        if sb.missing:
+            raise _Truncated(sb)
+        if sb.writer:  # being written, or its writer died: SWMR read, bounded retries
+            f = open_swmr(p)
+        else:  # closed: a plain open, which checks the file itself
             f = h5py.File(p, "r", locking=False)
-        if "mpipub_format" not in f.attrs:
+        try:
+            ours = "mpipub_format" in f.attrs
+        except BaseException:
+            f.close()
+            raise
+        if not ours:
             f.close()
             raise SinkFileError(f"{p}: an HDF5 file, but not an mpipub sink file")
         return f
 
+    def _damaged(self, exc: Exception, waited: float) -> SinkFileError:
+        """The one-line error for a file that could not be read (``waited``: seconds a
+        writer's open flags made us retry)."""
+        p = self.path
+        if isinstance(exc, _Truncated):
+            sb = exc.sb
+            what = (f"{p}: truncated: {sb.missing} bytes ({100 * sb.missing / sb.eof:.1f}%) "
+                    f"missing at the end (the file has {sb.size} bytes, HDF5 recorded "
+                    f"{sb.eof}); not read, so that no missing data reads as zeros")
+        else:
+            what = str(exc) if isinstance(exc, SinkFileError) else \
+                f"{p}: damaged: {' '.join(str(exc).split())}"
+        if waited:
+            what += (f" (its writer did not close it: retried {waited:.1f} s in case it was "
+                     "being written)")
+        return SinkFileError(what)
+
     def refresh(self) -> Run:
-        """Reopen the file and pick up tasks, keys and steps written since."""
-        deadline = time.monotonic() + self._retry_s
+        """Reopen the file and pick up tasks, keys and steps written since.
+
+        A file that its writer has open may fail to read for a moment (the writer is creating
+        groups or datasets): retried for ``retry_s`` seconds. A truncated or damaged file
+        raises ``SinkFileError`` (at once if its writer closed it, after ``retry_s`` if not)."""
+        t0 = time.monotonic()
         while True:
             old = self._f
             try:
@@ -274,19 +334,26 @@ class Run:
                     old.close()
                     self._f = None
                 f = self._open_file()
-                tasks = {}
-                for name in f:
-                    if name.startswith("task_"):
-                        t = TaskData(f, name)
-                        tasks[t.task_id] = t
+                try:
+                    tasks = {}
+                    for name in f:
+                        if name.startswith("task_"):
+                            t = TaskData(f, name)
+                            tasks[t.task_id] = t
+                except BaseException:
+                    f.close()
+                    raise
                 self._f, self._tasks = f, tasks
                 return self
-            except SinkFileError:
-                raise
-            except (OSError, KeyError, RuntimeError, ValueError) as exc:
-                # the writer may be creating objects right now (outside SWMR mode): retry
-                if time.monotonic() > deadline:
-                    raise SinkFileError(f"{self.path}: cannot read the file: {exc}") from None
+            except (OSError, KeyError, RuntimeError, ValueError, _DamagedRead) as exc:
+                waited = time.monotonic() - t0
+                try:
+                    live = superblock(self.path).writer
+                except Exception:  # noqa: BLE001 - removed, replaced, unreadable
+                    live = True
+                # a live writer may be creating objects right now (outside SWMR mode): retry
+                if not live or waited > self._retry_s:
+                    raise self._damaged(exc, waited if live else 0.0) from None
                 time.sleep(0.05)
 
     def close(self) -> None:
