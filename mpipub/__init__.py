@@ -16,6 +16,7 @@ _WHERE = {
     "engine_comm": "datapub", "publish_data": "datapub", "CompositeError": "errors",
     "LaunchError": "errors", "MpipubError": "errors", "PublishError": "errors",
     "RemoteError": "errors", "TaskAborted": "errors", "open": "reader", "Run": "reader",
+    "SinkFileError": "reader",
 }
 
 
@@ -47,7 +48,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         RemoteError,
         TaskAborted,
     )
-    from .reader import Run, open
+    from .reader import Run, SinkFileError, open
 
 __all__ = [
     "AsyncMapResult",
@@ -62,6 +63,7 @@ __all__ = [
     "PublishError",
     "RemoteError",
     "Run",
+    "SinkFileError",
     "TaskAborted",
     "engine_comm",
     "open",

@@ -15,7 +15,14 @@ import numpy as np
 
 from . import layout as L
 from .errors import MpipubError
-from .h5file import open_swmr, superblock
+from .h5file import FLAG_SWMR_WRITE, open_swmr, superblock
+
+
+def _superblock_or_none(path):
+    try:
+        return superblock(path)
+    except OSError:
+        return None
 
 
 class SinkFileError(MpipubError):
@@ -93,6 +100,8 @@ class EngineData:
 
     def _scan(self, grp, dpath, spath, prefix):
         for name, obj in grp.items():
+            if obj is None:  # a link HDF5 cannot follow (yet: the writer is creating it)
+                raise KeyError(f"{dpath}/{name}")
             key = prefix + (L.unescape(name),)
             if isinstance(obj, h5py.Group):
                 self._scan(obj, f"{dpath}/{name}", f"{spath}/{name}", key)
@@ -313,11 +322,16 @@ class Run:
                     f"missing at the end (the file has {sb.size} bytes, HDF5 recorded "
                     f"{sb.eof}); not read, so that no missing data reads as zeros")
         else:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # no quotes
             what = str(exc) if isinstance(exc, SinkFileError) else \
-                f"{p}: damaged: {' '.join(str(exc).split())}"
+                f"{p}: damaged: {' '.join(str(msg).split())}"
         if waited:
             what += (f" (its writer did not close it: retried {waited:.1f} s in case it was "
                      "being written)")
+            sb = _superblock_or_none(p)
+            if sb is not None and not sb.missing and not sb.flags & FLAG_SWMR_WRITE:
+                what += ("; its writer had it open outside SWMR mode: if that writer is gone, "
+                         f"`h5clear -s {p}` makes it readable")
         return SinkFileError(what)
 
     def refresh(self) -> Run:
@@ -325,8 +339,10 @@ class Run:
 
         A file that its writer has open may fail to read for a moment (the writer is creating
         groups or datasets): retried for ``retry_s`` seconds. A truncated or damaged file
-        raises ``SinkFileError`` (at once if its writer closed it, after ``retry_s`` if not)."""
+        raises ``SinkFileError`` (at once if its writer closed it, after ``retry_s`` if not;
+        a truncated one without opening it)."""
         t0 = time.monotonic()
+        closed_failures = 0
         while True:
             old = self._f
             try:
@@ -345,14 +361,19 @@ class Run:
                     raise
                 self._f, self._tasks = f, tasks
                 return self
-            except (OSError, KeyError, RuntimeError, ValueError, _DamagedRead) as exc:
+            except (OSError, KeyError, RuntimeError, ValueError) as exc:
+                if isinstance(exc, SinkFileError) and not isinstance(exc, _DamagedRead):
+                    raise  # not a sink file: no retrying (a RuntimeError, like h5py's errors)
                 waited = time.monotonic() - t0
-                try:
-                    live = superblock(self.path).writer
-                except Exception:  # noqa: BLE001 - removed, replaced, unreadable
-                    live = True
-                # a live writer may be creating objects right now (outside SWMR mode): retry
-                if not live or waited > self._retry_s:
+                sb = _superblock_or_none(self.path)
+                live = sb is None or sb.writer  # None: removed or replaced meanwhile
+                # A live writer may be creating objects right now (outside SWMR mode): retry.
+                # A file that looks closed is read once more: its writer may have closed it
+                # since this attempt began (at the end, or for a moment while it creates
+                # objects); failing twice while closed, it is damaged.
+                if not live:
+                    closed_failures += 1
+                if closed_failures > 1 or waited > self._retry_s:
                     raise self._damaged(exc, waited if live else 0.0) from None
                 time.sleep(0.05)
 

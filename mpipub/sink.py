@@ -440,7 +440,9 @@ class Sink:
             old.ids, old.gen = None, -1
 
     def _write(self, batch: list) -> bool:
-        """Append a batch; return True if a task ended in it (flush now)."""
+        """Append a batch; return True to flush now: a task ended in it, or it created groups
+        or datasets (a task's first data, a new key: on disk at once, not one flush interval
+        later, so a job that dies or fills the disk early still leaves its first steps)."""
         creates: list = []  # (kind, args)
         rows: dict = collections.defaultdict(list)  # data_path -> [(series, step, value)]
         eng_rows: dict = collections.defaultdict(list)  # (task, engine) -> [(step, t, recv)]
@@ -494,7 +496,7 @@ class Sink:
                 self.f[g].attrs["end"] = t_end
         if self._delay_s:
             time.sleep(self._delay_s * sum(len(v) for v in eng_rows.values()))
-        return bool(ends)
+        return bool(ends or creates)
 
     # -- structure ------------------------------------------------------------------------------
     def _new_task(self, info: dict, creates: list) -> None:
