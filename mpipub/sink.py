@@ -121,7 +121,7 @@ def _check_path(path: str, overwrite: bool) -> None:
 
 class _Series:
     __slots__ = ("data_path", "steps_path", "sig", "version", "n", "kind", "dtype", "shape",
-                 "chunk_rows", "ids", "gen")
+                 "chunk_rows", "ids", "gen", "used")
 
     def __init__(self, data_path, steps_path, sig, version):
         self.data_path, self.steps_path = data_path, steps_path
@@ -132,6 +132,7 @@ class _Series:
         self.chunk_rows = 0  # > 0: rows of whole chunks may be written raw (set on creation)
         self.ids = None  # (data, steps) low-level dataset ids, valid while gen == Sink._gen
         self.gen = -1
+        self.used = 0  # the writer's batch count when it was last written
 
 
 class _Engine:
@@ -206,6 +207,7 @@ class Sink:
         self._where = ""
         self._last = ""  # the last rows written, named in a flush error
         self._gen = 0  # bumped when the file is reopened (low-level ids change)
+        self._batches = 0  # batches written (see _keep_open)
         global _write_chunk
         if _write_chunk is _write_chunk_h5py:
             _write_chunk = _gil_free_chunk_writer() or _write_chunk_h5py
@@ -421,6 +423,7 @@ class Sink:
         """The (data, steps) dataset ids of ``s``, opened if needed; at most MAX_OPEN_SERIES
         series stay open."""
         op = self._open
+        s.used = self._batches
         if s.gen == self._gen:
             op.move_to_end(s)
             return s.ids
@@ -432,17 +435,28 @@ class Sink:
         return s.ids
 
     def _keep_open(self, s: _Series, ids: tuple) -> None:
+        """Keep ``s`` open; beyond MAX_OPEN_SERIES close the least recently written series if
+        no recent batch wrote it, else the most recently written one before ``s``: a batch
+        that writes more series than that, in the same order every time, then finds most
+        of them open (least-recently-used eviction would close each before its next use)."""
         op = self._open
-        s.ids, s.gen = ids, self._gen
+        s.ids, s.gen, s.used = ids, self._gen, self._batches
         op[s] = None
         while len(op) > MAX_OPEN_SERIES:
-            old = op.popitem(last=False)[0]
+            old = next(iter(op))
+            if old.used >= self._batches - 1:  # in use: keep the oldest, close a recent one
+                op.move_to_end(s, last=False)
+                old = op.popitem(last=True)[0]
+                op.move_to_end(s)
+            else:
+                del op[old]
             old.ids, old.gen = None, -1
 
     def _write(self, batch: list) -> bool:
         """Append a batch; return True to flush now: a task ended in it, or it created groups
         or datasets (a task's first data, a new key: on disk at once, not one flush interval
         later, so a job that dies or fills the disk early still leaves its first steps)."""
+        self._batches += 1
         creates: list = []  # (kind, args)
         rows: dict = collections.defaultdict(list)  # data_path -> [(series, step, value)]
         eng_rows: dict = collections.defaultdict(list)  # (task, engine) -> [(step, t, recv)]
