@@ -291,7 +291,7 @@ def test_first_steps_reach_disk_before_the_flush_interval(mpi_script, tmp_path):
 
 
 def test_ten_thousand_keys_stored_and_closed(mpi_script, tmp_path):
-    """One 10,000-key publication per engine: stored, every value exact, and the file closed
+    """One 10,000-key publication: stored, every value exact, and the file closed
     (before: HDF5 failed with "Child entry doesn't have a flush dependency parent array" past
     ~1,500 keys; the issue measured 24.6 s to close). The timeout catches a pathology only;
     docs/benchmarks.md has the measured figures. Then `mpipub info FILE | head` ends quietly."""
@@ -308,12 +308,12 @@ def test_ten_thousand_keys_stored_and_closed(mpi_script, tmp_path):
         t1 = time.perf_counter()
         c.close()
         print(f"TASK {{t1 - t0:.2f}} s CLOSE {{time.perf_counter() - t1:.2f}} s")
-    """, nranks=3, timeout=240)
+    """, nranks=2, timeout=240)
     assert job.returncode == 0, job.output
     print(job.stdout)
     with h5py.File(sink, "r") as f:
         assert "closed" in f.attrs
-        for e in (1, 2):
+        for e in (1,):
             d = f[f"task_0001/engine_{e}/data"]
             assert len(d) == 10000
             for i in (0, 1, 4999, 9999):
