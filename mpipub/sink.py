@@ -757,21 +757,11 @@ def _gil_free_chunk_writer():
 
         from h5py._objects import phil
 
-        path = None
-        with open("/proc/self/maps") as fh:
-            for line in fh:
-                p = line.rsplit(None, 1)[-1]
-                b = os.path.basename(p)
-                if b.startswith("libhdf5") and "_hl" not in b and ".so" in b:
-                    path = p
-                    break
-        if path is None:
+        from .h5file import libhdf5
+
+        lib = libhdf5()
+        if lib is None:
             return None
-        lib = ctypes.CDLL(path)
-        maj, mnr, rel = ctypes.c_uint(), ctypes.c_uint(), ctypes.c_uint()
-        if lib.H5get_libversion(ctypes.byref(maj), ctypes.byref(mnr), ctypes.byref(rel)) < 0 \
-                or (maj.value, mnr.value, rel.value) != h5py.version.hdf5_version_tuple[:3]:
-            return None  # not the library h5py uses
         fn = lib.H5Dwrite_chunk
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32,
