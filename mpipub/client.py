@@ -14,7 +14,6 @@ import itertools
 import linecache
 import operator
 import os
-import signal
 import sys
 import threading
 import time
@@ -441,9 +440,6 @@ def _close_at_exit(exit_code: int | None = None) -> None:
     however the script ended (``exit_code``: the script's status when the caller knows it)."""
     if not ending.begin_shutdown():
         return
-    if threading.current_thread() is threading.main_thread():
-        # a Ctrl-C now would tear the sink's file mid-write: note it, finish closing
-        signal.signal(signal.SIGINT, _note_interrupt_while_closing)
     rt = _runtime
     signum, since = ending.cut_by()
     interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
@@ -465,11 +461,6 @@ def _close_at_exit(exit_code: int | None = None) -> None:
         sys.stderr.write(f"mpipub: exiting with status {code} because the sink failed "
                          "(see above); what it flushed before stays readable\n")
         _exit_now(code)
-
-
-def _note_interrupt_while_closing(signum, frame) -> None:
-    sys.stderr.write("mpipub: Ctrl-C while closing: still writing and stopping the engines "
-                     "(SIGKILL ends the job at once, losing what is unwritten)\n")
 
 
 #: After MPI_Finalize, how long rank 0 waits before a fast non-zero exit (seconds).

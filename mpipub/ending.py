@@ -29,7 +29,7 @@ CUT_SIGNALS = {
     signal.SIGINT: "Ctrl-C (SIGINT)",
 }
 
-_state: dict = {"shutting_down": False, "signal": None, "since": None}
+_state: dict = {"shutting_down": False, "signal": None, "since": None, "raised": False}
 
 
 def signal_name(signum: int) -> str:
@@ -46,10 +46,13 @@ def shutting_down() -> bool:
 
 
 def begin_shutdown() -> bool:
-    """Mark the shutdown as begun; False if it already had (it runs once)."""
+    """Mark the shutdown as begun; False if it already had (it runs once). From now on a
+    Ctrl-C is only noted too: raised, it would tear the sink's file mid-write."""
     if _state["shutting_down"]:
         return False
     _state["shutting_down"] = True
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_sigint)
     return True
 
 
@@ -72,20 +75,44 @@ def _note(signum: int) -> bool:
     return first
 
 
+def _exiting(frame) -> bool:
+    """Whether the main thread is already past the user's code, in the interpreter's exit
+    (threading's shutdown, where our shutdown is about to run or runs): an exception raised
+    there would skip it."""
+    shutdown = getattr(threading, "_shutdown", None)
+    code = getattr(shutdown, "__code__", None)
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _say_still_closing(signum: int) -> None:
+    sys.stderr.write(f"mpipub: {signal_name(signum)} again while closing; still closing "
+                     "(SIGKILL ends the job at once, losing what is unwritten)\n")
+    sys.stderr.flush()
+
+
 def _on_sigint(signum, frame):
-    """Python's own Ctrl-C (KeyboardInterrupt), with the time noted."""
+    """Python's own Ctrl-C (KeyboardInterrupt), with the time noted; never raised into the
+    shutdown."""
     _note(signum)
+    if _state["shutting_down"] or _exiting(frame):
+        _say_still_closing(signum)
+        return
     raise KeyboardInterrupt
 
 
 def _on_signal(signum, frame):
-    first = _note(signum)
-    if _state["shutting_down"]:
-        if not first:
-            sys.stderr.write(f"mpipub: {signal_name(signum)} again while closing; still "
-                             "closing (SIGKILL ends the job at once, losing what is unwritten)\n")
-            sys.stderr.flush()
+    """SIGTERM / SIGUSR1: the first becomes SystemExit(128 + signum), which unwinds the
+    user's code into the shutdown; later ones are only noted (raised again, one could land
+    between the user's code and the shutdown, and skip it)."""
+    _note(signum)
+    if _state["raised"] or _state["shutting_down"] or _exiting(frame):
+        _say_still_closing(signum)
         return
+    _state["raised"] = True
     raise SystemExit(128 + signum)
 
 

@@ -72,6 +72,10 @@ def _cloudpickle():
 def serve_and_exit(world: World) -> None:
     """Engine ranks: serve tasks until the client stops us, then end the process (status 0)."""
     Engine(world).serve()
+    # Leaving: a signal still on its way (mpiexec forwards the ones sent to the whole job,
+    # possibly twice) must not kill us inside MPI_Finalize and turn a clean end into a crash
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     sys.stdout.flush()
     sys.stderr.flush()
     sys.exit(0)
