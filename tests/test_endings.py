@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import finish, kill_group, run_mpi, start_mpi
+from conftest import MPI_FLAVOUR, finish, kill_group, run_mpi, start_mpi
 
 SIM = """
     import sys, time
@@ -87,9 +87,26 @@ def _wait_for_file(path, proc, timeout=60.0) -> None:
         time.sleep(0.02)
 
 
-def check_sink_file(path, stderr: str, cut: str | None, engines=(1, 2)) -> dict:
+#: Open MPI's mpiexec turns SIGTERM and SIGINT into "terminate the job": every rank gets
+#: SIGTERM (never SIGINT), and mpiexec exits with status 1 at once, no longer forwarding output,
+#: while rank 0 still closes the job (README, "Open MPI"; docs/endings.md).
+OPENMPI_SIGNALLED = (1, "rank 0 got SIGTERM")
+
+
+def expected_ending(mode: str) -> tuple[int, str]:
+    """(exit status, what rank 0 says cut the task short) under this suite's MPI."""
+    _how, status, cut = ENDINGS[mode]
+    if MPI_FLAVOUR == "openmpi" and mode in ("TERM", "INT-group", "TERM-group"):
+        return OPENMPI_SIGNALLED
+    return status, cut
+
+
+def check_sink_file(path, stderr: str, cut: str | None, engines=(1, 2),
+                    line_lost: bool = False) -> dict:
     """The file opens without SWMR, was closed, and holds every step up to the step rank 0
-    named for each engine, exactly. Returns {engine: number of steps}."""
+    named for each engine, exactly (``line_lost``: rank 0's line never reached us, as under
+    Open MPI after a signal to mpiexec; then every step stored, consecutive and exact).
+    Returns {engine: number of steps}."""
     with h5py.File(path, "r") as f:  # plain h5py: the end-of-file check is on
         assert "closed" in f.attrs, stderr
         g = f["task_0001"]
@@ -97,11 +114,12 @@ def check_sink_file(path, stderr: str, cut: str | None, engines=(1, 2)) -> dict:
         if cut is not None:
             assert cut in str(g.attrs.get("cut_short")), (dict(g.attrs), stderr)
             line = [ln for ln in stderr.splitlines() if "job cut short" in ln]
-            assert len(line) == 1, stderr
+            assert len(line) == 1 or (line_lost and not line), stderr
+        if cut is not None and line:
             named = {int(e): int(s) for e, s in re.findall(r"engine (\d+) at step (\d+)",
                                                             line[0])}
             assert sorted(named) == list(engines), line
-        else:
+        if cut is None:
             assert "cut_short" not in g.attrs
         counts = {}
         for e in engines:
@@ -124,7 +142,8 @@ def check_sink_file(path, stderr: str, cut: str | None, engines=(1, 2)) -> dict:
 @pytest.mark.parametrize("launch", ["script", "run"], ids=["python-script", "mpipub-run"])
 @pytest.mark.parametrize("mode", list(ENDINGS))
 def test_every_ending_leaves_a_complete_closed_file(tmp_path, mode, launch):
-    how, status, cut = ENDINGS[mode]
+    how = ENDINGS[mode][0]
+    status, cut = expected_ending(mode)
     if how is not None and launch == "run" and mode == "with":
         pytest.skip("n/a")
     script = tmp_path / "sim.py"
@@ -143,7 +162,8 @@ def test_every_ending_leaves_a_complete_closed_file(tmp_path, mode, launch):
     assert job.returncode == status, f"status {job.returncode}\n{job.output}"
     assert "Exception ignored" not in job.stderr, job.output
     assert "Traceback" not in job.stderr or mode in ("raise", "INT-group"), job.output
-    check_sink_file(tmp_path / "run.h5", job.stderr, cut)
+    check_sink_file(tmp_path / "run.h5", job.stderr, cut,
+                    line_lost=(status, cut) == OPENMPI_SIGNALLED)
 
 
 ENDS_AFTER_TASK = """
@@ -304,6 +324,8 @@ def test_sigterm_twice_while_closing_is_not_raised_into_the_shutdown(tmp_path):
         job = finish(proc, 60)
     finally:
         kill_group(proc)
-    assert job.returncode == 143, job.output
+    status, cut = expected_ending("TERM-group")
+    assert job.returncode == status, job.output
     assert "Exception ignored" not in job.stderr, job.output
-    check_sink_file(tmp_path / "run.h5", job.stderr, "rank 0 got SIGTERM")
+    check_sink_file(tmp_path / "run.h5", job.stderr, cut,
+                    line_lost=(status, cut) == OPENMPI_SIGNALLED)
