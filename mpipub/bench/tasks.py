@@ -86,8 +86,9 @@ def pub_stream(nmsg: int, nbytes: int, copy: bool) -> None:
         publish_data({"a": a}, copy=copy)
 
 
-def raw_recv_arrays(total: int) -> int:
-    """Rank 0: matched probe + Recv of ``total`` messages into fresh numpy arrays."""
+def raw_recv_arrays(total: int, last: dict | None = None) -> int:
+    """Rank 0: matched probe + Recv of ``total`` messages into fresh numpy arrays. ``last``,
+    when given, gets each sender's last arrival time (time.time())."""
     comm = MPI.COMM_WORLD
     st = MPI.Status()
     nb = 0
@@ -97,6 +98,8 @@ def raw_recv_arrays(total: int) -> int:
         buf = np.empty(n // 8, np.float64)
         msg.Recv([buf, MPI.BYTE])
         nb += n
+        if last is not None:
+            last[st.Get_source()] = time.time()
     return nb
 
 
