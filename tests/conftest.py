@@ -112,11 +112,11 @@ def wait_for_ranks(proc: subprocess.Popen, timeout: float = OUTLIVE_S) -> list[i
     """After mpiexec has exited: wait until no process of its job is left (at most
     ``timeout`` s); return those still there."""
     deadline = time.monotonic() + timeout
-    left = _session_and_descendants(proc.pid)
+    left = set(_session_and_descendants(proc.pid))  # (only these: mpiexec's pid is free now)
     while left and time.monotonic() < deadline:
         time.sleep(0.05)
-        left = _session_and_descendants(proc.pid)
-    return left
+        left &= set(_session_and_descendants(proc.pid))
+    return sorted(left)
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> Job:

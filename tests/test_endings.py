@@ -101,6 +101,25 @@ def expected_ending(mode: str) -> tuple[int, str]:
     return status, cut
 
 
+def check_openmpi_signalled_file(path, stderr: str, engines=(1, 2)) -> None:
+    """After SIGTERM/SIGINT to Open MPI's mpiexec: usually complete and closed, the task cut
+    short by SIGTERM; when Open MPI killed rank 0 before it had closed the file (it may, once
+    another rank has exited: docs/endings.md), as after SIGKILL: readable in SWMR mode, every
+    stored step consecutive and exact."""
+    with h5py.File(path, "r", swmr=True) as f:
+        closed = "closed" in f.attrs
+    if closed:
+        check_sink_file(path, stderr, OPENMPI_SIGNALLED[1], engines, line_lost=True)
+        return
+    with h5py.File(path, "r", swmr=True) as f:
+        for e in engines:
+            g = f[f"task_0001/engine_{e}"]
+            n = min(g["step"].shape[0], g["data/a"].shape[0], g["data/i"].shape[0])
+            assert n > 0, (e, stderr)
+            assert g["step"][:n].tolist() == list(range(n))
+            assert np.array_equal(g["data/a"][:n], np.repeat(np.arange(n), 16).reshape(n, 16))
+
+
 def check_sink_file(path, stderr: str, cut: str | None, engines=(1, 2),
                     line_lost: bool = False) -> dict:
     """The file opens without SWMR, was closed, and holds every step up to the step rank 0
@@ -162,8 +181,10 @@ def test_every_ending_leaves_a_complete_closed_file(tmp_path, mode, launch):
     assert job.returncode == status, f"status {job.returncode}\n{job.output}"
     assert "Exception ignored" not in job.stderr, job.output
     assert "Traceback" not in job.stderr or mode in ("raise", "INT-group"), job.output
-    check_sink_file(tmp_path / "run.h5", job.stderr, cut,
-                    line_lost=(status, cut) == OPENMPI_SIGNALLED)
+    if (status, cut) == OPENMPI_SIGNALLED:
+        check_openmpi_signalled_file(tmp_path / "run.h5", job.stderr)
+    else:
+        check_sink_file(tmp_path / "run.h5", job.stderr, cut)
 
 
 ENDS_AFTER_TASK = """
@@ -327,5 +348,7 @@ def test_sigterm_twice_while_closing_is_not_raised_into_the_shutdown(tmp_path):
     status, cut = expected_ending("TERM-group")
     assert job.returncode == status, job.output
     assert "Exception ignored" not in job.stderr, job.output
-    check_sink_file(tmp_path / "run.h5", job.stderr, cut,
-                    line_lost=(status, cut) == OPENMPI_SIGNALLED)
+    if (status, cut) == OPENMPI_SIGNALLED:
+        check_openmpi_signalled_file(tmp_path / "run.h5", job.stderr)
+    else:
+        check_sink_file(tmp_path / "run.h5", job.stderr, cut)

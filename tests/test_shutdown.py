@@ -234,11 +234,14 @@ def test_signal_while_engines_busy_ends_the_whole_job(tmp_path, sig, to_group, r
     job, took = _end_and_check(proc, procs, nranks, _send(proc, sig, to_group))
     if MPI_FLAVOUR == "openmpi":
         # Open MPI's mpiexec: every rank gets SIGTERM (SIGINT too becomes SIGTERM), mpiexec
-        # exits with status 1 at once; rank 0 still stops the engines and says why (on its
-        # own stderr: mpiexec is gone) and every rank ends within the bound
+        # exits with status 1 at once; rank 0 starts its shutdown (on its own stderr:
+        # mpiexec is gone) and every rank ends within the bound. Rank 0 usually finishes it
+        # ("job cut short"), but Open MPI may kill it when another rank exits first
+        # (docs/endings.md), so that line is not required here.
         assert job.returncode == 1, f"status {job.returncode}, took {took:.1f} s\n{job.output}"
         said = rank0_err.read_text()
-        assert "mpipub: job cut short: rank 0 got SIGTERM" in said, (said, job.output)
+        assert "mpipub: closing while task 1 (" in said, (said, job.output)
+        assert "job cut short: rank 0 got SIGTERM" in said or said.count("\n") == 1, said
     else:
         expected = 130 if sig == signal.SIGINT else 143
         assert job.returncode == expected, \
