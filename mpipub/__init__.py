@@ -23,6 +23,10 @@ _WHERE = {
 
 
 def __getattr__(name: str):
+    if name == "plot":  # the submodule mpipub.plot (live plots), on first use
+        import importlib
+
+        return importlib.import_module(f"{__name__}.plot")
     mod = _WHERE.get(name)
     if mod is None:
         raise AttributeError(f"module 'mpipub' has no attribute {name!r}")
@@ -33,8 +37,15 @@ def __getattr__(name: str):
     return value
 
 
+def load_ipython_extension(ip) -> None:
+    """``%load_ext mpipub``: ``%px`` / ``%%px`` and readable remote errors (mpipub.notebook)."""
+    from .notebook.magics import load
+
+    load(ip)
+
+
 def __dir__():
-    return sorted(list(globals()) + list(_WHERE))
+    return sorted(list(globals()) + list(_WHERE) + ["plot"])
 
 
 TYPE_CHECKING = False  # (no typing import at start-up)

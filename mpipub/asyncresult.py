@@ -308,10 +308,42 @@ class TaskRecord:
 class AsyncResult:
     """A task submitted to one engine (``engine_id``) or several (``engine_ids``)."""
 
-    def __init__(self, runtime, record: TaskRecord, single: bool):
+    def __init__(self, runtime, record: TaskRecord, single: bool,
+                 engines: list[int] | None = None):
         self._rt = runtime
         self._rec = record
         self._single = single
+        # the engines this handle covers: the task's, or some of them (split())
+        self._engines = list(record.engines if engines is None else engines)
+        self._whole = engines is None
+
+    def _pending(self) -> int:
+        if self._whole:
+            return self._rec.pending
+        return sum(not self._rec.state[e].done for e in self._engines)
+
+    def split(self) -> list[AsyncResult]:
+        """One single-engine AsyncResult per engine of this one (ipyparallel's ``split``):
+        each has its engine's result, data, output and stream."""
+        return [type(self)(self._rt, self._rec, True, [e]) for e in self._engines]
+
+    @classmethod
+    def join(cls, results: list[AsyncResult]) -> AsyncResult:
+        """The inverse of ``split()``: one AsyncResult over the engines of ``results``, which
+        must come from the same task (results of different tasks: wait on each, or use
+        ``Client.wait``)."""
+        results = list(results)
+        if not results:
+            raise ValueError("join() needs at least one AsyncResult")
+        rec = results[0]._rec
+        if any(r._rec is not rec for r in results):
+            ids = sorted({r.task_id for r in results})
+            raise ValueError(f"join() combines parts of one task; these come from tasks {ids}")
+        engines = [e for r in results for e in r._engines]
+        if len(set(engines)) != len(engines):
+            raise ValueError(f"join(): an engine appears twice in {engines}")
+        whole = sorted(engines) == sorted(rec.engines)
+        return type(results[0])(results[0]._rt, rec, False, None if whole else engines)
 
     # -- identity -------------------------------------------------------------------------------
     @property
@@ -320,11 +352,11 @@ class AsyncResult:
 
     @property
     def engine_ids(self) -> list[int]:
-        return list(self._rec.engines)
+        return list(self._engines)
 
     @property
     def engine_id(self) -> int | list[int]:
-        return self._rec.engines[0] if self._single else list(self._rec.engines)
+        return self._engines[0] if self._single else list(self._engines)
 
     def __repr__(self) -> str:
         state = "done" if self.ready() else "running"
@@ -338,31 +370,47 @@ class AsyncResult:
     def data(self) -> dict | list[dict]:
         """Latest published data, merged key by key: a list in engine order (a dict for a
         single-engine view). A snapshot: later publications do not change what you hold."""
-        return self._per_engine([dict(self._rec.merged_data(e)) for e in self._rec.engines])
+        return self._per_engine([dict(self._rec.merged_data(e)) for e in self._engines])
+
+    def data_at(self, step: int) -> dict | None | list[dict | None]:
+        """What each engine published at ``step`` (not merged), like ``Run.data_at``: None
+        where an engine has not published that step, or where it is older than the history
+        the client keeps (``Client(history_bytes=...)``; a sink keeps every step)."""
+        rec = self._rec
+        with rec.cond:
+            batches = list(rec.history)
+        found: dict[int, dict | None] = {e: None for e in rec.engines}
+        for b in reversed(batches):
+            if found[b.engine] is None and b.first_step <= step < b.first_step + b.count:
+                for s, _t, d, _n in b.publications():
+                    if s == step:
+                        found[b.engine] = dict(d)
+                        break
+        return self._per_engine([found[e] for e in rec.engines])
 
     @property
     def stats(self) -> dict[int, EngineStats]:
         """Per-engine counters: publications, bytes, last step, time of last arrival, lag."""
         with self._rec.cond:
             return {e: EngineStats(*self._rec.state[e].stats._fields())
-                    for e in self._rec.engines}
+                    for e in self._engines}
 
     @property
     def stdout(self) -> str | list[str]:
         """What the task printed to stdout on each engine (forwarded live)."""
         with self._rec.cond:
-            return self._per_engine(["".join(self._rec.state[e].stdout) for e in self._rec.engines])
+            return self._per_engine(["".join(self._rec.state[e].stdout) for e in self._engines])
 
     @property
     def stderr(self) -> str | list[str]:
         """What the task printed to stderr on each engine (forwarded live)."""
         with self._rec.cond:
-            return self._per_engine(["".join(self._rec.state[e].stderr) for e in self._rec.engines])
+            return self._per_engine(["".join(self._rec.state[e].stderr) for e in self._engines])
 
     # -- waiting --------------------------------------------------------------------------------
     def ready(self) -> bool:
         """True when every engine has returned (a result or an error)."""
-        return self._rec.pending == 0
+        return self._pending() == 0
 
     def wait(self, timeout: float | None = None, return_when: str = ALL_COMPLETED) -> bool:
         """Wait until ready or ``timeout`` seconds; return ready(). Interruptible.
@@ -385,9 +433,9 @@ class AsyncResult:
 
     def _reached(self, return_when: str) -> bool:
         rec = self._rec
-        if not rec.pending:
+        if not self._pending():
             return True
-        states = [rec.state[e] for e in rec.engines]
+        states = [rec.state[e] for e in self._engines]
         if return_when == FIRST_COMPLETED:
             return any(st.done for st in states)
         if return_when == FIRST_EXCEPTION:
@@ -413,12 +461,12 @@ class AsyncResult:
         ``return_exceptions=True`` each failed engine's RemoteError takes its result's place
         instead of being raised."""
         if not self.wait(timeout):
-            done = sum(self._rec.state[e].done for e in self._rec.engines)
+            done = sum(self._rec.state[e].done for e in self._engines)
             raise TimeoutError(f"task {self.task_id} ({self._rec.label}) not done after "
-                               f"{timeout} s: {done} of {len(self._rec.engines)} engines finished")
+                               f"{timeout} s: {done} of {len(self._engines)} engines finished")
         if return_exceptions:
             return self._result_value(errors_as_values=True)
-        errors = [self._rec.state[e].error for e in self._rec.engines
+        errors = [self._rec.state[e].error for e in self._engines
                   if self._rec.state[e].error is not None]
         if errors:
             if self._single:
@@ -446,12 +494,12 @@ class AsyncResult:
     def get_dict(self, timeout: float | None = None) -> dict:
         """``{engine_id: result}`` (raises as ``get()`` does)."""
         self.get(timeout)
-        return {e: self._rec.state[e].value for e in self._rec.engines}
+        return {e: self._rec.state[e].value for e in self._engines}
 
     # -- as a container (ipyparallel's) ---------------------------------------------------------
     def __len__(self) -> int:
         """How many results ``get()`` returns as a list: engines (items for ``map``)."""
-        return len(self._rec.engines)
+        return len(self._engines)
 
     def _results_of(self, engine: int, errors_as_values: bool = False) -> list:
         st = self._rec.state[engine]
@@ -464,7 +512,7 @@ class AsyncResult:
     def __iter__(self) -> Iterator:
         """The results in ``get()``'s order, each as soon as it is there (an engine's error
         is raised when its turn comes)."""
-        for e in self._rec.engines:
+        for e in self._engines:
             st = self._rec.state[e]
             with self._rec.cond:
                 while not st.done:
@@ -490,13 +538,13 @@ class AsyncResult:
     @property
     def progress(self) -> int:
         """How many engines have returned (a result or an error)."""
-        return len(self._rec.engines) - self._rec.pending
+        return len(self._engines) - self._pending()
 
     def _metadata_list(self) -> list[dict]:
         rec = self._rec
         out = []
         with rec.cond:
-            for e in rec.engines:
+            for e in self._engines:
                 st = rec.state[e]
                 out.append({
                     "engine_id": e, "host": rec.hosts[e], "task_id": rec.task_id,
@@ -523,7 +571,7 @@ class AsyncResult:
     @property
     def started(self) -> datetime.datetime | None:
         """When the first engine started the task (None until one has returned)."""
-        ts = [self._rec.state[e].started for e in self._rec.engines]
+        ts = [self._rec.state[e].started for e in self._engines]
         ts = [t for t in ts if t is not None]
         return _datetime(min(ts)) if ts else None
 
@@ -532,7 +580,7 @@ class AsyncResult:
         """When the last engine finished (None until every engine has)."""
         if not self.ready():
             return None
-        return _datetime(max(self._rec.state[e].finished for e in self._rec.engines))
+        return _datetime(max(self._rec.state[e].finished for e in self._engines))
 
     @property
     def wall_time(self) -> float:
@@ -546,7 +594,7 @@ class AsyncResult:
         """Sum over engines of the seconds each spent running the task; raises if not ready."""
         self._check_ready("serial_time")
         return sum(self._rec.state[e].finished - self._rec.state[e].started
-                   for e in self._rec.engines)
+                   for e in self._engines)
 
     def _check_ready(self, what: str) -> None:
         if not self.ready():
@@ -560,7 +608,7 @@ class AsyncResult:
             raise ValueError(f"groupby must be 'type', 'engine' or 'order', not {groupby!r}")
         with self._rec.cond:
             outs = [(e, "".join(self._rec.state[e].stdout), "".join(self._rec.state[e].stderr))
-                    for e in self._rec.engines]
+                    for e in self._engines]
         def show(kind: str, e: int, text: str) -> None:
             if text:
                 stream = sys.stdout if kind == "stdout" else sys.stderr
@@ -576,26 +624,31 @@ class AsyncResult:
                 show("stderr", e, err)
 
     def _result_value(self, errors_as_values: bool = False):
-        return self._per_engine([r for e in self._rec.engines
+        return self._per_engine([r for e in self._engines
                                  for r in self._results_of(e, errors_as_values)])
 
     def successful(self) -> bool:
         """True if every engine returned without error; raises if not ready yet."""
         if not self.ready():
             raise MpipubError(f"task {self.task_id} is not done yet; call wait() or ready() first")
-        return all(self._rec.state[e].ok for e in self._rec.engines)
+        return all(self._rec.state[e].ok for e in self._engines)
 
     @property
     def elapsed(self) -> float:
         """Seconds from submission to the last engine's result (or to now, while running)."""
-        end = self._rec.finished if self._rec.finished is not None else time.time()
+        if self._whole:
+            end = self._rec.finished
+        else:
+            end = max(self._rec.state[e].finished or 0.0 for e in self._engines) \
+                if self.ready() else None
+        end = end if end is not None else time.time()
         return end - self._rec.submitted
 
     def abort(self) -> None:
         """Ask every engine still running this task to stop it. The task raises
         ``TaskAborted`` at its next ``publish_data`` call (a task that never publishes cannot
         be aborted; it runs to its end). Queued, not yet started tasks are skipped."""
-        pending = [e for e in self._rec.engines if not self._rec.state[e].done]
+        pending = [e for e in self._engines if not self._rec.state[e].done]
         self._rt.abort(self.task_id, pending)
 
     # -- streaming ------------------------------------------------------------------------------
@@ -611,7 +664,7 @@ class AsyncResult:
         while True:
             with rec.cond:
                 deadline = None if timeout is None else time.monotonic() + timeout
-                while bi >= rec.history_first + len(rec.history) and rec.pending:
+                while bi >= rec.history_first + len(rec.history) and self._pending():
                     self._check_io()
                     left = _SLICE_S if deadline is None else min(_SLICE_S,
                                                                   deadline - time.monotonic())
@@ -634,6 +687,10 @@ class AsyncResult:
                 if bi >= rec.history_first + len(rec.history):
                     return  # done and everything read
                 b = rec.history[bi - rec.history_first]
+            if not self._whole and b.engine not in self._engines:  # (split(): not ours)
+                bi += 1
+                seq = b.first_seq + b.count
+                continue
             pubs = b.publications()  # (decoded outside the lock: the I/O thread goes on)
             k = seq - b.first_seq
             if k >= len(pubs):  # the batch is read (or could not be decoded)
@@ -654,14 +711,14 @@ class AsyncResult:
             from tqdm import tqdm
         except ImportError:  # pragma: no cover - tqdm is a dependency
             tqdm = None
-        n = len(self._rec.engines)
+        n = len(self._engines)
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = tqdm(total=n, desc=f"task {self.task_id}", unit="engine", file=sys.stderr) \
             if tqdm else None
         try:
             while True:
-                done = n - self._rec.pending
-                steps = sum(self._rec.state[e].stats.publications for e in self._rec.engines)
+                done = n - self._pending()
+                steps = sum(self._rec.state[e].stats.publications for e in self._engines)
                 if bar is not None:
                     bar.n = done
                     bar.set_postfix(steps=steps, refresh=False)
@@ -691,10 +748,10 @@ class AsyncMapResult(AsyncResult):
         return list(st.value)
 
     def _result_value(self, errors_as_values: bool = False):
-        return [r for e in self._rec.engines for r in self._results_of(e, errors_as_values)]
+        return [r for e in self._engines for r in self._results_of(e, errors_as_values)]
 
     def __len__(self) -> int:
-        return sum(self._rec.counts.values())
+        return sum(self._rec.counts.get(e, 1) for e in self._engines)
 
 
 class AsyncGatherResult(AsyncResult):
@@ -702,7 +759,7 @@ class AsyncGatherResult(AsyncResult):
     one list, or one array when they are numpy arrays."""
 
     def _result_value(self, errors_as_values: bool = False):
-        parts = [r for e in self._rec.engines for r in self._results_of(e, errors_as_values)]
+        parts = [r for e in self._engines for r in self._results_of(e, errors_as_values)]
         if errors_as_values and any(isinstance(p, RemoteError) for p in parts):
             return parts
         return join_parts(parts)

@@ -1,5 +1,6 @@
-"""The ``mpipub`` command line: ``run`` a script under MPI, and (with a sink file)
-``info``, ``plot`` and ``watch``."""
+"""The ``mpipub`` command line: ``run`` a script under MPI, ``jobscript`` (a SLURM batch
+script for it), (with a sink file) ``info``, ``plot`` and ``watch``, and ``kernel
+install|list|remove`` for Jupyter."""
 
 from __future__ import annotations
 
@@ -24,9 +25,13 @@ def _parser(sink_commands: bool = True) -> argparse.ArgumentParser:
     r.add_argument("script")
     r.add_argument("args", nargs=argparse.REMAINDER)
     if sink_commands:  # not needed to start a run (start-up time counts on every rank)
-        from . import sinkcli
+        from . import jobscript, sinkcli
 
+        jobscript.add_command(sub)
         sinkcli.add_commands(sub)
+        from .notebook import kernelspec
+
+        kernelspec.add_commands(sub)
     return p
 
 
@@ -35,7 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser(sink_commands=argv[:1] != ["run"]).parse_args(argv)
     if args.command == "run":
+        from .ending import install_signal_handlers
         from .runner import run_script
+
+        # at once: SLURM's time-limit warning (SIGUSR1) may come before Client() is made,
+        # and its default action kills the process without closing anything
+        install_signal_handlers()
 
         opts = {"overwrite": True} if args.sink_overwrite else {}
         for name, opt in (("sink_flush", "flush_interval"), ("sink_compression", "compression"),

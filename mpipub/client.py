@@ -11,6 +11,7 @@ import builtins
 import collections
 import contextlib
 import itertools
+import linecache
 import operator
 import os
 import signal
@@ -67,8 +68,17 @@ class _Runtime:
         # tasks finished lately: a signal that reached the engines too may end a task just
         # before close() looks, and it was cut short all the same
         self.finished: collections.deque = collections.deque(maxlen=256)
-        self.io = IOThread(world, self._route, self._fatal)
+        #: The Jupyter kernel that owns the engines until it shuts down (mpipub.notebook):
+        #: while set, Client.close() leaves the engines running.
+        self.owner: object | None = None
+        #: Told of every submitted task and its forwarded output (the kernel shows it live).
+        self.observer = None
+        self.io = IOThread(world, self._route, self._fatal, quiet=self._quiet)
         self.io.start()
+
+    def _quiet(self) -> bool:
+        """No task outstanding: the I/O thread may sleep until the next post (iothread.py)."""
+        return not self.records and not self.closed
 
     # -- messages from engines (I/O thread) -----------------------------------------------------
     def _route(self, m: wire.Message) -> None:
@@ -104,7 +114,10 @@ class _Runtime:
                     self.records.pop(m.task_id, None)
                 self.finished.append(rec)
         elif m.kind == wire.OUTPUT:
-            rec.on_output(m.source, m.step, m.decode())
+            text = m.decode()
+            rec.on_output(m.source, m.step, text)
+            if self.observer is not None:
+                self.observer.on_output(rec, m.source, m.step, text)
 
     def _fatal(self, exc: BaseException) -> None:
         for rec in list(self.records.values()):
@@ -125,7 +138,7 @@ class _Runtime:
         Serialisation happens here, in the user's thread, so an unpicklable function or
         argument fails at submit time with the culprit named."""
         self.check_open()
-        options: dict = {"main_file": _main_file()}
+        options: dict = {"main_source": _main_source(payloads[0][0])}
         for s in self.sinks:
             options.update(s.task_options())
         task_id = next(self.task_ids)
@@ -136,6 +149,8 @@ class _Runtime:
                 cache[id(p)] = _encode_task(task_id, p, label, options)
             encs.append(cache[id(p)])
         rec = TaskRecord(task_id, targets, self.hosts, label, self.history_bytes)
+        if self.observer is not None:
+            self.observer.on_submit(rec)
         for s in self.sinks:
             s.on_task_start(rec, payloads[0])
         with self.lock:
@@ -261,10 +276,19 @@ def _last_step(rec: TaskRecord, engine: int) -> str:
     return "no step published" if step is None else f"step {step}"
 
 
-def _main_file() -> str | None:
-    """The client's script, for engines to name in tracebacks (None in a notebook)."""
+def _main_source(fn) -> tuple[str, list[str] | None] | None:
+    """Where the task's ``__main__`` code comes from, so that remote tracebacks show its file
+    and lines: the client's script (engines read it from the shared file system), or in a
+    notebook the function's cell (its lines travel with the task)."""
     path = getattr(sys.modules.get("__main__"), "__file__", None)
-    return os.path.abspath(path) if isinstance(path, str) else None
+    if isinstance(path, str):
+        return os.path.abspath(path), None
+    code = getattr(fn, "__code__", None)
+    if code is not None and getattr(fn, "__module__", None) == "__main__":
+        lines = linecache.getlines(code.co_filename)
+        if lines:
+            return code.co_filename, lines
+    return None
 
 
 def _culprit(fn, args, kwargs) -> str:
@@ -329,6 +353,7 @@ class Client:
             elif _runtime.closed:
                 _runtime.check_open()
         self._rt = _runtime
+        self._sink = None
         if sink is not None:
             from .sink import Sink
 
@@ -336,6 +361,7 @@ class Client:
             snk.runtime = self._rt  # so a failing sink can tell the engines (abort)
             snk.while_blocked = self._rt.io.service_outgoing
             self._rt.sinks.append(snk)
+            self._sink = snk
         elif sink_options:
             raise TypeError(f"sink options {sorted(sink_options)} given without sink=PATH")
 
@@ -393,7 +419,14 @@ class Client:
         return {e: self._rt.hosts[e] for e in self._rt.ids}
 
     def close(self) -> None:
-        """Stop the engines (aborting running tasks) and the client's I/O thread."""
+        """Stop the engines (aborting running tasks) and the client's I/O thread. In an mpipub
+        Jupyter kernel the kernel owns the engines until it shuts down: this closes only the
+        sink this client opened."""
+        if self._rt.owner is not None:
+            if self._sink is not None and self._sink in self._rt.sinks:
+                self._rt.sinks.remove(self._sink)
+                self._sink.close()
+            return
         self._rt.close()
 
     def __enter__(self) -> Client:

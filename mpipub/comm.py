@@ -76,9 +76,7 @@ def world() -> World:
     cw = MPI.COMM_WORLD
     rank, size = cw.Get_rank(), cw.Get_size()
     if size < 2:
-        raise LaunchError(
-            "mpipub found a single MPI rank, so there are no engines. " + LAUNCH_HINT
-        )
+        _refuse_world_of_one()
     comm = cw.Dup()
     comm.Set_name("mpipub-runtime")
     engines = cw.Split(color=0 if rank == CLIENT_RANK else 1, key=rank)
@@ -86,6 +84,49 @@ def world() -> World:
     hosts = comm.allgather(hostname())
     _world = World(MPI=MPI, comm=comm, engines=engines, rank=rank, size=size, hosts=hosts)
     return _world
+
+
+#: (size, rank) variables of the launchers that tell each process how many were started.
+_LAUNCHER_VARS = (
+    ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),  # Open MPI's mpiexec
+    ("PMI_SIZE", "PMI_RANK"),  # MPICH's hydra, srun --mpi=pmi2
+    ("PMIX_SIZE", "PMIX_RANK"),
+    ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID"),  # srun, whatever its --mpi
+)
+
+
+def launched_as() -> tuple[int, int] | None:
+    """(tasks started, this one's index) as the launcher's environment says, or None."""
+    for size_var, rank_var in _LAUNCHER_VARS:
+        if size_var in os.environ:
+            try:
+                return int(os.environ[size_var]), int(os.environ.get(rank_var, "0"))
+            except ValueError:
+                continue
+    return None
+
+
+def _refuse_world_of_one() -> None:
+    """MPI gave this process a world of one rank. A deliberate one-rank run gets the error;
+    N processes that each see a world of one (``srun --mpi=none`` with pip's MPICH, or an
+    mpi4py built for another MPI than the launcher's) would print it N times and each run
+    the script as a client: task 0 says it once, naming the fix, the others leave quietly."""
+    started = launched_as()
+    if started is None or started[0] < 2:
+        raise LaunchError(
+            "mpipub found a single MPI rank, so there are no engines. " + LAUNCH_HINT
+        )
+    ntasks, index = started
+    if index != 0:
+        raise SystemExit(1)  # task 0 says why, once for the whole job
+    raise LaunchError(
+        f"the launcher started {ntasks} tasks, but MPI gave each a world of one rank: the "
+        "MPI that mpi4py uses does not understand the launcher, so there are no engines and "
+        "no rank ran the script. Under srun, pass the PMI plugin of that MPI: for pip's "
+        "`mpich` `srun --mpi=pmi2` (see `srun --mpi=list`); or build mpi4py against the "
+        "cluster's MPI (`module load` it, then `pip install --no-binary=mpi4py mpi4py` and "
+        "install mpipub without the `mpich` extra), or use that MPI's own mpiexec."
+    )
 
 
 def mpi_size_hint() -> int | None:

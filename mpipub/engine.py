@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import collections
 import io
+import linecache
 import os
 import pickle
 import signal
@@ -22,6 +23,7 @@ import weakref
 from . import config, wire
 from .comm import CLIENT_RANK, TAG_CBUF, TAG_CTRL, World
 from .errors import MpipubError, TaskAborted
+from .polling import Backoff
 from .sender import Sender
 
 #: Idle polling: first sleep, growth factor and longest sleep (seconds). The longest sleep
@@ -269,7 +271,7 @@ class Engine:
         _announce_deaths(self)
         old = {sig: signal.signal(sig, self._on_signal)
                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-        sleep = POLL_MIN_S
+        idle = Backoff(POLL_MIN_S, POLL_GROWTH, POLL_MAX_S)
         try:
             while True:
                 if not self.inbox:
@@ -279,10 +281,9 @@ class Engine:
                     if self.terminating_since and time.monotonic() - self.terminating_since > 10:
                         # SIGTERM and no word from the client for 10 s: it is gone; leave.
                         return
-                    time.sleep(sleep)
-                    sleep = min(sleep * POLL_GROWTH, POLL_MAX_S)
+                    time.sleep(idle.next())
                     continue
-                sleep = POLL_MIN_S
+                idle.reset()
                 if m.kind == wire.STOP:
                     self.sender.drain()
                     self.send(wire.BYE, 0, None)
@@ -391,11 +392,14 @@ class Engine:
         they captured on the client travel with them and are set there first."""
         if isinstance(fn, types.FunctionType) and fn.__module__ == "__main__":
             ns = self.namespace
-            source = self.task_options.get("main_file")
+            source, lines = self.task_options.get("main_source") or (None, None)
+            if lines:  # a notebook cell's code: its lines, for tracebacks (linecache's form)
+                linecache.cache[source] = (sum(map(len, lines)), None, lines, source)
+            script = source if lines is None else None  # every __main__ function is from it
             for k, v in fn.__globals__.items():
                 if not (k.startswith("__") and k.endswith("__")):
-                    if source and isinstance(v, types.FunctionType) and v.__module__ == "__main__":
-                        v.__code__ = _with_filename(v.__code__, source)
+                    if script and isinstance(v, types.FunctionType) and v.__module__ == "__main__":
+                        v.__code__ = _with_filename(v.__code__, script)
                     ns[k] = v
             code = _with_filename(fn.__code__, source) if source else fn.__code__
             new = types.FunctionType(code, ns, fn.__name__, fn.__defaults__, fn.__closure__)

@@ -29,7 +29,8 @@ class SinkError(MpipubError):
 
 
 class SinkFileError(MpipubError):
-    """A path that is not a readable mpipub sink file (missing, not HDF5, damaged)."""
+    """A path that is not a readable mpipub sink file: missing, not HDF5, or damaged
+    (truncated, unreadable metadata); the message says what is wrong or missing."""
 
 
 class TaskAborted(MpipubError):

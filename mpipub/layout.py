@@ -148,12 +148,19 @@ def flatten(data: dict, prefix: tuple = ()):
             yield prefix + (k,), v
 
 
+#: rows per chunk of a key's dataset at most: every dataset holds at least one whole chunk on
+#: disk, so this is what a key published once costs (512 scalars, 4 KiB, as netCDF-4 chunks a
+#: 1-D record variable; 8192 made a 10,000-key publication a 1.3 GB file)
+MAX_CHUNK_ROWS = 512
+
+
 def chunk_rows(shape: tuple, itemsize: int, target: int = 256 << 10) -> tuple:
-    """Chunk shape for appends: about ``target`` bytes, whole rows when a row fits."""
+    """Chunk shape for appends: about ``target`` bytes, whole rows when a row fits (at most
+    ``MAX_CHUNK_ROWS`` of them)."""
     row = max(1, int(np.prod(shape, dtype=np.int64)) * max(itemsize, 1))
     inner = [max(1, s) for s in shape]
     if row <= target:
-        return (int(min(max(1, target // row), 8192)), *inner)
+        return (int(min(max(1, target // row), MAX_CHUNK_ROWS)), *inner)
     # one row is bigger than the target: keep it within 16 MiB by splitting inner dims
     size = row
     while size > (16 << 20):

@@ -15,6 +15,26 @@ import numpy as np
 
 from . import layout as L
 from .errors import SinkFileError
+from .h5file import FLAG_SWMR_WRITE, open_swmr, superblock
+
+
+def _superblock_or_none(path):
+    try:
+        return superblock(path)
+    except OSError:
+        return None
+
+
+class _DamagedRead(SinkFileError):
+    """A dataset that HDF5 could not read (retried in ``refresh()`` while a writer is live)."""
+
+
+class _Truncated(OSError):
+    """The file is shorter than the end-of-file address HDF5 recorded in it."""
+
+    def __init__(self, sb):
+        super().__init__("truncated")
+        self.sb = sb
 
 
 class _Leaf:
@@ -24,18 +44,32 @@ class _Leaf:
         self._f, self.ds, self.idx, self.kind, self.version = f, ds, idx, kind, version
         self._steps = None
 
+    def _damaged(self, exc: OSError) -> SinkFileError:
+        return _DamagedRead(f"{self._f.filename}: damaged: cannot read {self.ds}: "
+                             f"{' '.join(str(exc).split())}")
+
     def steps(self) -> np.ndarray:
         if self._steps is None:
-            d, i = self._f[self.ds], self._f[self.idx]
-            n = min(d.shape[0], i.shape[0])
-            self._steps = np.asarray(i[:n])
+            try:
+                d, i = self._f[self.ds], self._f[self.idx]
+                n = min(d.shape[0], i.shape[0])
+                self._steps = np.asarray(i[:n])
+            except OSError as exc:
+                raise self._damaged(exc) from None
         return self._steps
 
     def rows(self):
-        return self._f[self.ds][: len(self.steps())]
+        n = len(self.steps())
+        try:
+            return self._f[self.ds][:n]
+        except OSError as exc:
+            raise self._damaged(exc) from None
 
     def row(self, pos: int):
-        return L.to_python(self.kind, self._f[self.ds][pos])
+        try:
+            return L.to_python(self.kind, self._f[self.ds][pos])
+        except OSError as exc:
+            raise self._damaged(exc) from None
 
     def values(self) -> list:
         return [L.to_python(self.kind, r) for r in self.rows()]
@@ -62,6 +96,8 @@ class EngineData:
 
     def _scan(self, grp, dpath, spath, prefix):
         for name, obj in grp.items():
+            if obj is None:  # a link HDF5 cannot follow (yet: the writer is creating it)
+                raise KeyError(f"{dpath}/{name}")
             key = prefix + (L.unescape(name),)
             if isinstance(obj, h5py.Group):
                 self._scan(obj, f"{dpath}/{name}", f"{spath}/{name}", key)
@@ -157,10 +193,16 @@ class TaskData:
         self.kwargs = str(a.get("kwargs", ""))
         self.start = float(a.get("start", np.nan))
         self.end = float(a.get("end", np.nan))
+        #: why the job ended while this task ran (e.g. SIGTERM from scancel); None if it did not
+        self.cut_short = str(a["cut_short"]) if "cut_short" in a else None
         self._eng: dict[int, EngineData] = {}
         for name in g:
             if name.startswith("engine_"):
-                e = EngineData(f, f"{group}/{name}")
+                try:
+                    e = EngineData(f, f"{group}/{name}")
+                except OSError as exc:
+                    raise _DamagedRead(f"{f.filename}: damaged: cannot read {group}/{name}: "
+                                       f"{' '.join(str(exc).split())}") from None
                 self._eng[e.rank] = e
         self.engines = sorted(self._eng)
 
@@ -249,20 +291,56 @@ class Run:
             raise SinkFileError(f"{p}: no such file")
         if os.path.isdir(p):
             raise SinkFileError(f"{p}: is a directory, not an HDF5 file")
-        if not h5py.is_hdf5(p):
+        sb = superblock(p) if h5py.is_hdf5(p) else None
+        if sb is None:
             raise SinkFileError(f"{p}: not an HDF5 file")
-        try:
-            f = h5py.File(p, "r", swmr=True, locking=False)
-        except OSError:
+        if sb.missing:
+            raise _Truncated(sb)
+        if sb.writer:  # being written, or its writer died: SWMR read, bounded retries
+            f = open_swmr(p)
+        else:  # closed: a plain open, which checks the file itself
             f = h5py.File(p, "r", locking=False)
-        if "mpipub_format" not in f.attrs:
+        try:
+            ours = "mpipub_format" in f.attrs
+        except BaseException:
+            f.close()
+            raise
+        if not ours:
             f.close()
             raise SinkFileError(f"{p}: an HDF5 file, but not an mpipub sink file")
         return f
 
+    def _damaged(self, exc: Exception, waited: float) -> SinkFileError:
+        """The one-line error for a file that could not be read (``waited``: seconds a
+        writer's open flags made us retry)."""
+        p = self.path
+        if isinstance(exc, _Truncated):
+            sb = exc.sb
+            what = (f"{p}: truncated: {sb.missing} bytes ({100 * sb.missing / sb.eof:.1f}%) "
+                    f"missing at the end (the file has {sb.size} bytes, HDF5 recorded "
+                    f"{sb.eof}); not read, so that no missing data reads as zeros")
+        else:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # no quotes
+            what = str(exc) if isinstance(exc, SinkFileError) else \
+                f"{p}: damaged: {' '.join(str(msg).split())}"
+        if waited:
+            what += (f" (its writer did not close it: retried {waited:.1f} s in case it was "
+                     "being written)")
+            sb = _superblock_or_none(p)
+            if sb is not None and not sb.missing and not sb.flags & FLAG_SWMR_WRITE:
+                what += ("; its writer had it open outside SWMR mode: if that writer is gone, "
+                         f"`h5clear -s {p}` makes it readable")
+        return SinkFileError(what)
+
     def refresh(self) -> Run:
-        """Reopen the file and pick up tasks, keys and steps written since."""
-        deadline = time.monotonic() + self._retry_s
+        """Reopen the file and pick up tasks, keys and steps written since.
+
+        A file that its writer has open may fail to read for a moment (the writer is creating
+        groups or datasets): retried for ``retry_s`` seconds. A truncated or damaged file
+        raises ``SinkFileError`` (at once if its writer closed it, after ``retry_s`` if not;
+        a truncated one without opening it)."""
+        t0 = time.monotonic()
+        closed_failures = 0
         while True:
             old = self._f
             try:
@@ -270,19 +348,31 @@ class Run:
                     old.close()
                     self._f = None
                 f = self._open_file()
-                tasks = {}
-                for name in f:
-                    if name.startswith("task_"):
-                        t = TaskData(f, name)
-                        tasks[t.task_id] = t
+                try:
+                    tasks = {}
+                    for name in f:
+                        if name.startswith("task_"):
+                            t = TaskData(f, name)
+                            tasks[t.task_id] = t
+                except BaseException:
+                    f.close()
+                    raise
                 self._f, self._tasks = f, tasks
                 return self
-            except SinkFileError:
-                raise
             except (OSError, KeyError, RuntimeError, ValueError) as exc:
-                # the writer may be creating objects right now (outside SWMR mode): retry
-                if time.monotonic() > deadline:
-                    raise SinkFileError(f"{self.path}: cannot read the file: {exc}") from None
+                if isinstance(exc, SinkFileError) and not isinstance(exc, _DamagedRead):
+                    raise  # not a sink file: no retrying (a RuntimeError, like h5py's errors)
+                waited = time.monotonic() - t0
+                sb = _superblock_or_none(self.path)
+                live = sb is None or sb.writer  # None: removed or replaced meanwhile
+                # A live writer may be creating objects right now (outside SWMR mode): retry.
+                # A file that looks closed is read once more: its writer may have closed it
+                # since this attempt began (at the end, or for a moment while it creates
+                # objects); failing twice while closed, it is damaged.
+                if not live:
+                    closed_failures += 1
+                if closed_failures > 1 or waited > self._retry_s:
+                    raise self._damaged(exc, waited if live else 0.0) from None
                 time.sleep(0.05)
 
     def close(self) -> None:

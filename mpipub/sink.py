@@ -34,7 +34,7 @@ import time
 
 import h5py
 import numpy as np
-from h5py import h5s
+from h5py import h5a, h5d, h5s, h5t
 
 from . import layout as L
 from .errors import SinkError
@@ -64,6 +64,13 @@ BATCH_WAIT_S = 0.02
 START_WAIT_S = 0.2
 #: array dtype kinds written as raw chunks (their bytes are the file's bytes)
 _DIRECT_KINDS = frozenset("biufc")
+#: series whose datasets the writer keeps open between batches, at most (the least recently
+#: written are closed beyond it and reopened when written again). HDF5 2.0 in SWMR mode fails
+#: writes ("Child entry doesn't have a flush dependency parent array") with ~3000 datasets open.
+MAX_OPEN_SERIES = 1024
+_STR_DT = h5py.string_dtype("utf-8")
+_ATTR_TYPES = (h5t.py_create(_STR_DT, logical=True), h5t.py_create(np.dtype(np.int64)))
+_SCALAR = h5s.create(h5s.SCALAR)
 
 
 def _compression_kwargs(compression, compression_opts, shuffle) -> dict:
@@ -109,7 +116,7 @@ def _check_path(path: str, overwrite: bool) -> None:
 
 class _Series:
     __slots__ = ("data_path", "steps_path", "sig", "version", "n", "kind", "dtype", "shape",
-                 "chunk_rows", "ids", "gen")
+                 "chunk_rows", "ids", "gen", "used")
 
     def __init__(self, data_path, steps_path, sig, version):
         self.data_path, self.steps_path = data_path, steps_path
@@ -120,6 +127,7 @@ class _Series:
         self.chunk_rows = 0  # > 0: rows of whole chunks may be written raw (set on creation)
         self.ids = None  # (data, steps) low-level dataset ids, valid while gen == Sink._gen
         self.gen = -1
+        self.used = 0  # the writer's batch count when it was last written
 
 
 class _Engine:
@@ -188,10 +196,16 @@ class Sink:
         self._names: dict = collections.defaultdict(set)
         self._engines: dict = {}  # (task, engine) -> _Engine
         self._tasks: dict = {}  # task -> group path
-        self._ds: dict = {}  # path -> open Dataset (cleared on reopen)
+        # series with open dataset ids, least recently written first
+        self._open: collections.OrderedDict = collections.OrderedDict()
+        self._gids: dict = {}  # group path -> GroupID (cleared on reopen)
+        self._templates: dict = {}  # dataset signature -> (type, creation plist) (see _create)
+        self._plans: dict = {}  # series signature -> _plan()
+        self._spaces: dict = {}  # row shape -> dataspace of a new (empty) dataset
         self._where = ""
         self._last = ""  # the last rows written, named in a flush error
         self._gen = 0  # bumped when the file is reopened (low-level ids change)
+        self._batches = 0  # batches written (see _keep_open)
         global _write_chunk
         if _write_chunk is _write_chunk_h5py:
             _write_chunk = _gil_free_chunk_writer() or _write_chunk_h5py
@@ -392,7 +406,7 @@ class Sink:
         # HDF5 (2.0, h5py 3.16) segfaults when it closes or tears down a file whose writes
         # failed. So the handles are kept, never closed, and the client ends rank 0 without
         # HDF5's teardown (client._close_at_exit).
-        self.broken_handles = (self.f, self._ds)
+        self.broken_handles = (self.f, self._open, self._gids)
         rt = self.runtime
         if rt is not None:  # tell the engines: their running tasks stop at the next publish
             try:
@@ -408,14 +422,52 @@ class Sink:
         self.f.flush()
         self._where = ""
 
-    def _ds_get(self, path: str):
-        ds = self._ds.get(path)
-        if ds is None:
-            ds = self._ds[path] = self.f[path]
-        return ds
+    def _gid(self, path: str):
+        """Low-level id of the group at ``path`` (created with its parents if missing)."""
+        g = self._gids.get(path)
+        if g is None:
+            f = self.f
+            g = self._gids[path] = (f[path] if path in f else f.create_group(path)).id
+        return g
+
+    def _ids(self, s: _Series) -> tuple:
+        """The (data, steps) dataset ids of ``s``, opened if needed; at most MAX_OPEN_SERIES
+        series stay open."""
+        op = self._open
+        s.used = self._batches
+        if s.gen == self._gen:
+            op.move_to_end(s)
+            return s.ids
+        ids = []
+        for path in (s.data_path, s.steps_path):
+            parent, name = path.rsplit("/", 1)
+            ids.append(h5d.open(self._gid(parent), name.encode()))
+        self._keep_open(s, tuple(ids))
+        return s.ids
+
+    def _keep_open(self, s: _Series, ids: tuple) -> None:
+        """Keep ``s`` open; beyond MAX_OPEN_SERIES close the least recently written series if
+        no recent batch wrote it, else the most recently written one before ``s``: a batch
+        that writes more series than that, in the same order every time, then finds most
+        of them open (least-recently-used eviction would close each before its next use)."""
+        op = self._open
+        s.ids, s.gen, s.used = ids, self._gen, self._batches
+        op[s] = None
+        while len(op) > MAX_OPEN_SERIES:
+            old = next(iter(op))
+            if old.used >= self._batches - 1:  # in use: keep the oldest, close a recent one
+                op.move_to_end(s, last=False)
+                old = op.popitem(last=True)[0]
+                op.move_to_end(s)
+            else:
+                del op[old]
+            old.ids, old.gen = None, -1
 
     def _write(self, batch: list) -> bool:
-        """Append a batch; return True if a task ended in it (flush now)."""
+        """Append a batch; return True to flush now: a task ended in it, or it created groups
+        or datasets (a task's first data, a new key: on disk at once, not one flush interval
+        later, so a job that dies or fills the disk early still leaves its first steps)."""
+        self._batches += 1
         creates: list = []  # (kind, args)
         rows: dict = collections.defaultdict(list)  # data_path -> [(series, step, value)]
         eng_rows: dict = collections.defaultdict(list)  # (task, engine) -> [(step, t, recv)]
@@ -469,7 +521,7 @@ class Sink:
                 self.f[g].attrs["end" if kind == "end" else "cut_short"] = value
         if self._delay_s:
             time.sleep(self._delay_s * sum(len(v) for v in eng_rows.values()))
-        return bool(ends)
+        return bool(ends or creates)
 
     # -- structure ------------------------------------------------------------------------------
     def _new_task(self, info: dict, creates: list) -> None:
@@ -518,10 +570,15 @@ class Sink:
         return s
 
     def _restructure(self, creates: list) -> None:
-        """Leave SWMR mode, create groups and datasets, enter SWMR mode again."""
+        """Leave SWMR mode, create groups and datasets (empty: rows are written in SWMR mode,
+        so that a failed write leaves a file that SWMR readers open), enter SWMR mode
+        again."""
         self.f.flush()
+        for s in self._open:
+            s.ids, s.gen = None, -1
+        self._open.clear()
+        self._gids.clear()
         self.f.close()
-        self._ds.clear()
         self._gen += 1
         self.f = f = h5py.File(self.path, "r+", **_FILE_KW)
         for c in creates:
@@ -545,32 +602,67 @@ class Sink:
                     grp.create_group(name, track_order=True)  # keys in publish order
             else:
                 _, s, sig, key = c
-                kind, dtype, shape = sig
-                if kind == "str":
-                    h5dt = h5py.string_dtype("utf-8")
-                    itemsize = 16
-                elif kind == "bytes":
-                    h5dt = h5py.vlen_dtype(np.uint8)
-                    itemsize = 16
-                else:
-                    h5dt = dtype
-                    itemsize = dtype.itemsize
-                comp = self.comp if kind == "array" and itemsize and \
-                    int(np.prod(shape, dtype=np.int64)) > 1 else {}
-                maxshape = (None, *[d if d > 0 else None for d in shape])
-                chunks = L.chunk_rows(shape, itemsize)
-                ds = f.create_dataset(s.data_path, shape=(0, *shape), maxshape=maxshape,
-                                      dtype=h5dt, chunks=chunks, **comp)
-                if (kind == "array" and not comp and dtype.kind in _DIRECT_KINDS
-                        and tuple(chunks[1:]) == tuple(shape) and 0 not in shape):
-                    s.chunk_rows = chunks[0]  # a chunk is whole rows: raw chunk writes
-                ds.attrs["key"] = key
-                ds.attrs["kind"] = kind
-                ds.attrs["version"] = s.version
-                f.create_dataset(s.steps_path, shape=(0,), maxshape=(None,), dtype=np.int64,
-                                 chunks=(8192,))
+                self._create(s, sig, key)
         f.flush()
         f.swmr_mode = True
+
+    def _create(self, s: _Series, sig: tuple, key: str) -> None:
+        """Create the (empty) datasets of series ``s``. The first
+        dataset of each signature is made with h5py; the next ones reuse its type and
+        creation property list through the low-level API, with their attributes: h5py's
+        per-call work was most of the cost of a publication with thousands of new keys."""
+        plan = self._plans.get(sig)
+        if plan is None:
+            plan = self._plans[sig] = self._plan(sig)
+        chunk_rows, specs = plan
+        s.chunk_rows = chunk_rows
+        kind = sig[0]
+        ids = []
+        for path, (tkey, dt, shp, chk, kw), is_data in zip((s.data_path, s.steps_path), specs,
+                                                          (True, False)):
+            tmpl = self._templates.get(tkey)
+            if tmpl is None:
+                maxshape = (None, *[d if d > 0 else None for d in shp])
+                dsid = self.f.create_dataset(path, shape=(0, *shp), maxshape=maxshape,
+                                             dtype=dt, chunks=chk, **kw).id
+                self._templates[tkey] = (dsid.get_type(), dsid.get_create_plist())
+            else:
+                space = self._spaces.get(shp)
+                if space is None:
+                    maxshape = (h5s.UNLIMITED, *[d if d > 0 else h5s.UNLIMITED for d in shp])
+                    space = self._spaces[shp] = h5s.create_simple((0, *shp), maxshape)
+                parent, name = path.rsplit("/", 1)
+                dsid = h5d.create(self._gid(parent), name.encode(), tmpl[0], space,
+                                  dcpl=tmpl[1])
+            if is_data:
+                _set_attr(dsid, b"key", key)
+                _set_attr(dsid, b"kind", kind)
+                _set_attr(dsid, b"version", s.version)
+            ids.append(dsid)
+        self._keep_open(s, tuple(ids))
+
+    def _plan(self, sig: tuple) -> tuple:
+        """How the datasets of a series of signature ``sig`` are made: (rows per raw chunk or
+        0, [(template key, dtype, row shape, chunks, compression kwargs)] for data, steps)."""
+        kind, dtype, shape = sig
+        if kind == "str":
+            h5dt, itemsize = _STR_DT, 16
+        elif kind == "bytes":
+            h5dt, itemsize = h5py.vlen_dtype(np.uint8), 16
+        else:
+            h5dt, itemsize = dtype, dtype.itemsize
+        comp = self.comp if kind == "array" and itemsize and \
+            int(np.prod(shape, dtype=np.int64)) > 1 else {}
+        chunks = tuple(L.chunk_rows(shape, itemsize))
+        raw = 0
+        if (kind == "array" and not comp and dtype.kind in _DIRECT_KINDS
+                and tuple(chunks[1:]) == tuple(shape) and 0 not in shape):
+            raw = chunks[0]  # a chunk is whole rows: raw chunk writes
+        dkey = (str(h5dt) if kind not in ("str", "bytes") else kind, shape, chunks, bool(comp))
+        i8 = np.dtype(np.int64)
+        skey = (str(i8), (), (L.MAX_CHUNK_ROWS,), False)
+        return raw, ((dkey, h5dt, shape, chunks, comp),
+                     (skey, i8, (), (L.MAX_CHUNK_ROWS,), {}))
 
     # -- appending ------------------------------------------------------------------------------
     def _append(self, s: _Series, lst: list) -> None:
@@ -578,10 +670,7 @@ class Sink:
         if kind == "str" or kind == "bytes":
             self._append_vlen(s, lst)
             return
-        if s.gen != self._gen:
-            s.ids = (self.f[s.data_path].id, self.f[s.steps_path].id)
-            s.gen = self._gen
-        dsid, idxid = s.ids
+        dsid, idxid = self._ids(s)
         n, k = s.n, len(lst)
         if kind == "array":
             vals = [v for _, _, v in lst]
@@ -597,8 +686,8 @@ class Sink:
         s.n = n + k
 
     def _append_vlen(self, s: _Series, lst: list) -> None:
-        ds = self._ds_get(s.data_path)
-        idx = self._ds_get(s.steps_path)
+        dsid, idxid = self._ids(s)
+        ds = h5py.Dataset(dsid)
         n, k = s.n, len(lst)
         ds.resize(n + k, axis=0)
         if s.kind == "str":
@@ -606,9 +695,17 @@ class Sink:
         else:
             for i, (_, _, v) in enumerate(lst):
                 ds[n + i] = np.frombuffer(v, dtype=np.uint8)
-        idx.resize((n + k,))
-        idx[n:n + k] = np.array([st for _, st, _ in lst], dtype=np.int64)
+        _ll_append(idxid, n, np.array([st for _, st, _ in lst], dtype=np.int64))
         s.n = n + k
+
+
+def _set_attr(oid, name: bytes, value) -> None:
+    """A scalar attribute as h5py writes it (str: variable-length UTF-8; int: int64)."""
+    if isinstance(value, str):
+        arr, tid = np.array(value, dtype=_STR_DT), _ATTR_TYPES[0]
+    else:
+        arr, tid = np.array(value, dtype=np.int64), _ATTR_TYPES[1]
+    h5a.create(oid, name, tid, _SCALAR).write(arr)
 
 
 def _rows(vals: list) -> np.ndarray:
@@ -671,21 +768,11 @@ def _gil_free_chunk_writer():
 
         from h5py._objects import phil
 
-        path = None
-        with open("/proc/self/maps") as fh:
-            for line in fh:
-                p = line.rsplit(None, 1)[-1]
-                b = os.path.basename(p)
-                if b.startswith("libhdf5") and "_hl" not in b and ".so" in b:
-                    path = p
-                    break
-        if path is None:
+        from .h5file import libhdf5
+
+        lib = libhdf5()
+        if lib is None:
             return None
-        lib = ctypes.CDLL(path)
-        maj, mnr, rel = ctypes.c_uint(), ctypes.c_uint(), ctypes.c_uint()
-        if lib.H5get_libversion(ctypes.byref(maj), ctypes.byref(mnr), ctypes.byref(rel)) < 0 \
-                or (maj.value, mnr.value, rel.value) != h5py.version.hdf5_version_tuple[:3]:
-            return None  # not the library h5py uses
         fn = lib.H5Dwrite_chunk
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32,

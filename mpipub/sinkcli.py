@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 import time
 
@@ -10,7 +12,7 @@ def add_commands(sub) -> None:
     i = sub.add_parser("info", help="tasks, engines, keys, dtypes, shapes, steps and times of "
                        "a sink file")
     i.add_argument("path")
-    i.set_defaults(func=cmd_info)
+    i.set_defaults(func=_guarded("info", cmd_info))
     p = sub.add_parser("plot", help="plot one key of a sink file to an image")
     p.add_argument("path")
     p.add_argument("--key", required=True, help="key to plot (nested: a/b)")
@@ -18,13 +20,39 @@ def add_commands(sub) -> None:
                    help="step to plot (default: each engine's latest)")
     p.add_argument("--task", type=int, default=None, help="task id (default: the latest)")
     p.add_argument("-o", "--output", default=None, help="image file (default: KEY.png)")
-    p.set_defaults(func=cmd_plot)
+    p.set_defaults(func=_guarded("plot", cmd_plot))
     w = sub.add_parser("watch", help="live view of a sink file another job is writing")
     w.add_argument("path")
     w.add_argument("--interval", type=float, default=1.0, help="seconds between updates")
     w.add_argument("--timeout", type=float, default=None,
                    help="stop after this many seconds (default: when the run ends)")
-    w.set_defaults(func=cmd_watch)
+    w.set_defaults(func=_guarded("watch", cmd_watch))
+
+
+def _guarded(cmd: str, fn):
+    """``fn`` with its failures as one line on stderr: a damaged file (``SinkFileError``,
+    met while reading, not only at open) exits 1; a closed pipe (``mpipub info F | head``)
+    exits 141 like a command killed by SIGPIPE, without a traceback."""
+
+    @functools.wraps(fn)
+    def run(args) -> int:
+        from .reader import SinkFileError
+
+        try:
+            rc = fn(args)
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+            return rc
+        except BrokenPipeError:
+            # Python flushes stdout again at exit: point it at /dev/null so that this
+            # flush cannot fail (what the Python docs advise for SIGPIPE)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            return 141
+        except SinkFileError as exc:
+            return _err(cmd, exc)
+
+    return run
 
 
 def _err(cmd: str, msg) -> int:
@@ -72,6 +100,8 @@ def cmd_info(args) -> int:
             print(f"task {tid}: {t.label} function={t.function} args={t.args} "
                   f"kwargs={t.kwargs}")
             print(f"  start {_fmt_t(t.start)}  end {_fmt_t(t.end)}")
+            if t.cut_short is not None:
+                print(f"  cut short: {t.cut_short}")
             for e in t.engines:
                 ed = t.engine(e)
                 n = len(ed.steps)

@@ -23,6 +23,8 @@ import pickle
 import struct
 import time
 
+from .polling import Backoff
+
 MAGIC = 0xB5
 # magic kind inline pad nbufs task_id step time bodylen count payload last_time
 _FIXED = struct.Struct("<BBBxIqqdQIQd")
@@ -414,11 +416,13 @@ class Outbox:
             expected = nbytes / 5e9
             behind = (self.outstanding_bytes - nbytes) / 5e9
             cap = min(WAIT_MAX_S, max(WAIT_MIN_S, 0.1 * expected, 0.5 * behind))
-            sleep, waited = WAIT_MIN_S, 0.0
+            backoff, waited = Backoff(WAIT_MIN_S, 2.0, cap), 0.0
             while not testall(reqs):
+                sleep = backoff.next()
                 time.sleep(sleep)
                 waited += sleep
-                sleep = min(sleep * 2, cap if waited < 2 * expected else WAIT_MAX_S)
+                if waited >= 2 * expected:
+                    backoff.longest = WAIT_MAX_S  # (the transfer should be done by now)
         self._retire()
 
     def _retire(self) -> None:

@@ -140,6 +140,21 @@ def run_mpi(nranks: int, args: list[str], *, timeout: float = 60, env: dict | No
     return finish(start_mpi(nranks, args, env=env, cwd=cwd), timeout)
 
 
+def wait_for_file(path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Wait until a running job creates ``path`` (its "ready" mark); fail the test with the
+    job's output (after killing it) if it ends or times out first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            job = finish(proc, 10)
+            pytest.fail(f"job ended (status {job.returncode}) before {path.name}:\n{job.output}")
+        if time.monotonic() > deadline:
+            kill_group(proc)
+            job = finish(proc, 10)
+            pytest.fail(f"job not ready after {timeout} s:\n{job.output}")
+        time.sleep(0.02)
+
+
 @pytest.fixture
 def mpi_script(tmp_path):
     """Write a script (dedented) to tmp_path and run it under mpiexec.

@@ -12,13 +12,12 @@ import os
 import re
 import signal
 import textwrap
-import time
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import MPI_FLAVOUR, finish, kill_group, run_mpi, start_mpi
+from conftest import MPI_FLAVOUR, finish, kill_group, run_mpi, start_mpi, wait_for_file
 
 SIM = """
     import sys, time
@@ -72,19 +71,6 @@ ENDINGS = {
     "INT-group": ((signal.SIGINT, True), 130, "rank 0 got Ctrl-C"),
     "TERM-group": ((signal.SIGTERM, True), 143, "rank 0 got SIGTERM"),
 }
-
-
-def _wait_for_file(path, proc, timeout=60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            job = finish(proc, 10)
-            pytest.fail(f"job ended (status {job.returncode}) before it was ready:\n{job.output}")
-        if time.monotonic() > deadline:
-            kill_group(proc)
-            job = finish(proc, 10)
-            pytest.fail(f"job not ready after {timeout} s:\n{job.output}")
-        time.sleep(0.02)
 
 
 #: Open MPI's mpiexec turns SIGTERM and SIGINT into "terminate the job": every rank gets
@@ -171,7 +157,7 @@ def test_every_ending_leaves_a_complete_closed_file(tmp_path, mode, launch):
     pre = ["-m", "mpipub", "run", "--sink", "run.h5"] if launch == "run" else []
     proc = start_mpi(3, [*pre, str(script), script_mode, launch], cwd=tmp_path)
     try:
-        _wait_for_file(tmp_path / "ready", proc)
+        wait_for_file(tmp_path / "ready", proc)
         if how is not None:
             sig, group = how
             (os.killpg if group else os.kill)(proc.pid, sig)
@@ -339,7 +325,7 @@ def test_sigterm_twice_while_closing_is_not_raised_into_the_shutdown(tmp_path):
     script.write_text(textwrap.dedent(SIM))
     proc = start_mpi(3, [str(script), "wait", "script"], cwd=tmp_path)
     try:
-        _wait_for_file(tmp_path / "ready", proc)
+        wait_for_file(tmp_path / "ready", proc)
         os.killpg(proc.pid, signal.SIGTERM)
         os.killpg(proc.pid, signal.SIGTERM)
         job = finish(proc, 60)

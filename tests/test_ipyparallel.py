@@ -386,3 +386,42 @@ def test_scatter_gather_reference_dotted_names_sync_imports_run_clear(mpi_script
     """, nranks=4, timeout=90)
     ok(job, "OK data movement", "importing colorsys on engine(s)",
        "importing dumps from json on engine(s)")
+
+
+def test_split_and_join(mpi_script):
+    job = mpi_script("""
+        import time
+        from mpipub import AsyncResult, Client
+
+        c = Client()
+
+        def work(pause):
+            import time
+            from mpipub import engine_comm, publish_data
+            me = engine_comm().rank + 1
+            for i in range(3):
+                publish_data({"i": i, "me": me})
+            time.sleep(pause * me)
+            print("engine", me)
+            return me * 10
+
+        ar = c[:].apply_async(work, 0.5)
+        parts = ar.split()
+        assert [p.engine_id for p in parts] == c.ids and all(len(p) == 1 for p in parts)
+        assert parts[0].get(timeout=30) == 10        # engine 1 is done before the others
+        assert parts[0].ready() and parts[0].data == {"i": 2, "me": 1}
+        assert parts[0].stdout == "engine 1\\n"
+        assert [p.engine for p in parts[1].stream(timeout=30)] == [2, 2, 2]
+        assert parts[2].get_dict(timeout=30) == {3: 30}
+        back = AsyncResult.join(parts[1:])
+        assert back.engine_ids == [2, 3] and back.get(timeout=30) == [20, 30]
+        assert AsyncResult.join(parts).get() == ar.get() == [10, 20, 30]
+        try:
+            AsyncResult.join([parts[0], c[1].apply_async(work, 0)])
+            raise AssertionError("joined two tasks")
+        except ValueError as e:
+            assert "one task" in str(e), e
+        print("DONE")
+    """, nranks=4, timeout=60)
+    assert job.returncode == 0, job.output
+    assert "DONE" in job.stdout

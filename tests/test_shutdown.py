@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import MPI_FLAVOUR, PYTHON, finish, kill_group, mpi_env, start_mpi
+from conftest import MPI_FLAVOUR, PYTHON, finish, mpi_env, start_mpi, wait_for_file
 
 END_BOUND_S = 10.0  # a signalled job must be gone within this many seconds
 
@@ -82,19 +82,6 @@ def _launch(tmp_path, nranks, code, args=(), run=False, env=None) -> subprocess.
     return start_mpi(nranks, [*pre, str(path), *args], env=env, cwd=tmp_path)
 
 
-def _wait_for(path, proc, timeout=60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            job = finish(proc, 10)
-            pytest.fail(f"job ended (status {job.returncode}) before {path.name}:\n{job.output}")
-        if time.monotonic() > deadline:
-            kill_group(proc)
-            job = finish(proc, 10)
-            pytest.fail(f"job not ready after {timeout} s:\n{job.output}")
-        time.sleep(0.05)
-
-
 def _end_and_check(proc, procs, nranks, action=None, bound=END_BOUND_S):
     """Do ``action`` (send a signal), wait for mpiexec to exit within ``bound`` seconds, check
     that none of ``procs`` is left, and return (Job, seconds from action to exit)."""
@@ -153,7 +140,7 @@ ENDING = """
 def test_script_end(tmp_path, mode, run):
     env = {"MPIPUB_CLOSE_TIMEOUT_S": "1"} if mode == "hang" else None
     proc = _launch(tmp_path, 3, ENDING, [mode], run=run, env=env)
-    _wait_for(tmp_path / "ready", proc)
+    wait_for_file(tmp_path / "ready", proc)
     job, took = _end_and_check(proc, _job_processes(proc.pid), 3)
     out = job.output
     if mode == "ok":
@@ -229,7 +216,7 @@ def test_signal_while_engines_busy_ends_the_whole_job(tmp_path, sig, to_group, r
     nranks = 4
     rank0_err = tmp_path / "rank0.err"
     proc = _launch(tmp_path, nranks, BUSY, [busy], run=run, env={"RANK0_STDERR": str(rank0_err)})
-    _wait_for(tmp_path / "ready", proc)
+    wait_for_file(tmp_path / "ready", proc)
     procs = _job_processes(proc.pid)
     job, took = _end_and_check(proc, procs, nranks, _send(proc, sig, to_group))
     if MPI_FLAVOUR == "openmpi":

@@ -482,6 +482,18 @@ def test_write_error_is_reported_engines_told_and_flushed_data_kept(mpi_script, 
                 publish_data({{"i": i}})
         c[:].apply_sync(small, 5)               # stored and flushed at the task's end
         import os
+        import subprocess, sys
+        def flushed():  # the sink writes on its own thread: is task 1 on disk? (read in
+            # another process: HDF5 shares an open file within one)
+            code = ("import sys, h5py; f = h5py.File(sys.argv[1], 'r', swmr=True, "
+                    "locking=False); print(min(f[f'task_0001/engine_{{e}}/step'].shape[0] "
+                    "for e in (1, 2)))")
+            r = subprocess.run([sys.executable, "-c", code, {str(sink)!r}],
+                               capture_output=True, text=True, timeout=30)
+            return r.stdout.strip() == "5"
+        deadline = time.monotonic() + 30
+        while not flushed() and time.monotonic() < deadline:
+            time.sleep(0.05)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a failed write, not a dead process
         limit = os.path.getsize({str(sink)!r}) + (2 << 20)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))

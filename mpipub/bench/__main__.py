@@ -43,6 +43,7 @@ FULL = {
     "fresh_n": 200, "start_n": 30, "idle_s": 10.0, "blocked_s": 3.0,
     "start_repeats": 7,
     "sink": [[KiB, 4000], [64 * KiB, 4000], [MiB, 512]], "sink_repeats": 3,
+    "sink_keys": [1000, 40, 2],  # keys per step, steps per engine, engines
     "scale": [1, 2, 4, 8, 16, 32], "scale_total": 4096, "scale_repeats": 3,
     "ipp": True,
     "inline": [[KiB, 8000], [4 * KiB, 8000], [8 * KiB, 8000], [16 * KiB, 4000],
@@ -57,6 +58,7 @@ QUICK = {
     "fresh_n": 5, "start_n": 3, "idle_s": 0.3, "blocked_s": 0.2,
     "start_repeats": 1,
     "sink": [[64 * KiB, 32]], "sink_repeats": 1,
+    "sink_keys": [1000, 3, 2],  # MPIPUB_BENCH_KEYS=keys,steps,engines overrides (measuring)
     "scale": [1, 2], "scale_total": 64, "scale_repeats": 1,
     "ipp": False,
     "inline": [[4 * KiB, 64]],
@@ -254,9 +256,13 @@ def g_latency(cfg, tmp, rows, raw):
     pct = lambda x: f"{x * 100:.1f}% core"  # noqa: E731
     rows.append(entry("5", "idle engine CPU", f"4 eng idle {res['idle_cpu']['idle_s']:g} s",
                       "blocked in MPI_Recv", "core", r["blocked"], "idle engine", r["idle"],
-                      idle, "<= 2% core", idle <= 0.02, fmt=pct,
-                      note=f"client rank 0 idle: {pct(r['client_idle'][0])}"))
+                      idle, "<= 2% core", idle <= 0.02, fmt=pct))
     rows[-1]["ratio_shown"] = pct(idle)
+    client = med(r["client_idle"])  # rank 0 with a client and no task outstanding
+    rows.append(entry("5", "idle client CPU", f"rank 0, no task, {res['idle_cpu']['idle_s']:g} s",
+                      "blocked in MPI_Recv", "core", r["blocked"], "idle client (rank 0)",
+                      r["client_idle"], client, "<= 1% core", client <= 0.01, fmt=pct))
+    rows[-1]["ratio_shown"] = pct(client)
     r = res["task_start"]["repeats"]
     lat = med(r["idle"])
     rows.append(entry("5", "idle engine starts a task", "1 eng, idle 50-100 ms before",
@@ -357,6 +363,44 @@ def g_sink(cfg, tmp, rows, raw):
                           med(rawmpi) / med(base), "report", None))
 
 
+def g_sink_keys(cfg, tmp, rows, raw):
+    """Row 7k: many keys per step (each key is a dataset per engine: what a publication
+    with many keys costs the sink), against plain h5py writing the same datasets."""
+    from mpipub.bench.w_sink import h5py_keys_baseline
+
+    nkeys, steps, engines = cfg["sink_keys"]
+    if os.environ.get("MPIPUB_BENCH_KEYS"):
+        nkeys, steps, engines = map(int, os.environ["MPIPUB_BENCH_KEYS"].split(","))
+    base, pub = [], []
+    for rep in range(cfg["sink_repeats"]):
+        for which in (("sink", "h5py") if rep % 2 == 0 else ("h5py", "sink")):
+            path = tmp / f"keys-{which}-{rep}.h5"
+
+            def delete_previous(keep=path):
+                for f in tmp.glob("keys-*.h5"):
+                    if f != keep:
+                        f.unlink()
+                os.sync()
+
+            if which == "h5py":
+                delete_previous()
+                base.append(h5py_keys_baseline(str(path), nkeys, steps, engines))
+            else:
+                res = run_worker(engines + 1, "w_sink", {"path": str(path), "keys": nkeys,
+                                                         "steps": steps}, tmp, 600,
+                                 on_ready=delete_previous)
+                assert res["steps"] == steps * engines, res
+                pub.append(res["steps"] / res["seconds"])
+    for f in tmp.glob("keys-*.h5"):
+        f.unlink()
+    raw.append({"group": "sink_keys", "keys": nkeys, "steps": steps, "engines": engines,
+                "h5py": base, "mpipub": pub})
+    rows.append(entry("7k", "many keys to HDF5", f"{nkeys} keys x {steps} steps, "
+                      f"{engines} eng", "h5py, a dataset per key", "steps/s", base,
+                      "Client(sink=...)", pub, med(pub) / med(base), "report", None,
+                      fmt=lambda x: f"{x:.1f} steps/s"))
+
+
 def g_scale(cfg, tmp, rows, raw):
     for n in cfg["scale"]:
         params = {"stream": [[64 * KiB, cfg["scale_total"]]], "modes": ["raw", "copy"],
@@ -394,8 +438,31 @@ def g_inline(cfg, tmp, rows, raw):
                           r["inline"], ratio, "report", None))
 
 
+def g_kernel(cfg, tmp, rows, raw):
+    try:
+        import ipykernel  # noqa: F401
+        import jupyter_client  # noqa: F401
+        import psutil  # noqa: F401
+    except ImportError as exc:
+        rows.append({"row": "6k", "what": "Jupyter kernel", "config": "-", "pending": True,
+                     "note": f"pending: install mpipub[notebook] and psutil ({exc!r})"})
+        return
+    from mpipub.bench.w_kernel import kernel_times
+
+    res = kernel_times(tmp, 4, cfg["start_repeats"])
+    raw.append({"group": "kernel", "result": res})
+    sec = lambda x: f"{x:.2f} s"  # noqa: E731
+    for what, key in (("kernel start to first cell", "start"), ("kernel shutdown", "stop")):
+        plain, pub = med(res[f"plain_{key}"]), med(res[f"mpipub_{key}"])
+        rows.append(entry("6k", what, "4 eng, jupyter_client", "plain ipykernel", "s",
+                          res[f"plain_{key}"], "mpipub kernel", res[f"mpipub_{key}"],
+                          pub / plain, "<= plain + 1 s", pub - plain <= 1.0, fmt=sec))
+        rows[-1]["ratio_shown"] = f"{pub / plain:.2f}x ({pub - plain:+.2f} s)"
+
+
 GROUPS = {"inline": g_inline, "stream": g_stream, "latency": g_latency, "start": g_start,
-          "sink": g_sink, "scale": g_scale, "ipp": g_ipp}
+          "kernel": g_kernel, "sink": g_sink, "sink_keys": g_sink_keys, "scale": g_scale,
+          "ipp": g_ipp}
 
 
 # -- output ---------------------------------------------------------------------------------------

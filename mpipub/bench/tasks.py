@@ -86,6 +86,13 @@ def pub_stream(nmsg: int, nbytes: int, copy: bool) -> None:
         publish_data({"a": a}, copy=copy)
 
 
+def pub_keys(nsteps: int, nkeys: int) -> None:
+    """Row 7k: every step publishes a dict of ``nkeys`` floats (k0, k1, ...)."""
+    names = [f"k{i}" for i in range(nkeys)]
+    for step in range(nsteps):
+        publish_data({k: float(step + i) for i, k in enumerate(names)})
+
+
 def raw_recv_arrays(total: int, last: dict | None = None) -> int:
     """Rank 0: matched probe + Recv of ``total`` messages into fresh numpy arrays. ``last``,
     when given, gets each sender's last arrival time (time.time())."""

@@ -1,4 +1,5 @@
-"""Worker (runs under mpiexec): row 7, every publication to HDF5 through ``Client(sink=...)``.
+"""Worker (runs under mpiexec): row 7, every publication to HDF5 through ``Client(sink=...)``;
+row 7k, 1,000 keys per step.
 
     mpiexec -n 5 python -m mpipub.bench.w_sink PARAMS_JSON OUT_JSON
 
@@ -25,6 +26,8 @@ def main() -> None:
     p = json.loads(sys.argv[1])
     if p.get("raw"):
         return raw_fan_in_h5py(p)
+    if p.get("keys"):
+        return many_keys(p)
     c = Client(sink=p["path"], overwrite=True)
     sink = c._rt.sinks[-1]
     per = max(1, p["total"] // len(c))
@@ -42,6 +45,45 @@ def main() -> None:
     with open(sys.argv[2], "w") as f:
         json.dump({"seconds": dt, "bytes": per * len(c) * tasks.array(p["nbytes"]).nbytes,
                    "steps": per * len(c), "warm_steps": warm * len(c)}, f)
+
+
+def many_keys(p: dict) -> None:
+    """Row 7k: each engine publishes ``steps`` dicts of ``keys`` floats into the sink; timed
+    from submit until the sink file is closed (its datasets created in the timed task, as in
+    a run whose first step has them all)."""
+    c = Client(sink=p["path"], overwrite=True)
+    sink = c._rt.sinks[-1]
+    c[:].apply_async(tasks.pub_keys, 2, 10).get()  # warm: a task's groups, a few keys
+    tasks.wait_at_gate(p)
+    t0 = time.perf_counter()
+    c[:].apply_async(tasks.pub_keys, p["steps"], p["keys"]).get()
+    c._rt.sinks.remove(sink)
+    sink.close()
+    dt = time.perf_counter() - t0
+    n = len(c)
+    c.close()
+    with open(sys.argv[2], "w") as f:
+        json.dump({"seconds": dt, "steps": p["steps"] * n, "engines": n}, f)
+
+
+def h5py_keys_baseline(path: str, nkeys: int, steps: int, engines: int) -> float:
+    """Row 7k's baseline: plain h5py in one process writes the same keys, one resizable
+    dataset per key and engine, appended step by step; returns steps/s (all engines)
+    including closing the file."""
+    import h5py
+
+    names = [f"k{i}" for i in range(nkeys)]
+    t0 = time.perf_counter()
+    with h5py.File(path, "w") as f:
+        groups = [f.create_group(f"engine_{e}") for e in range(1, engines + 1)]
+        dss = [[g.create_dataset(k, shape=(0,), maxshape=(None,), dtype="f8", chunks=(512,))
+                for k in names] for g in groups]
+        for step in range(steps):
+            for e in range(engines):
+                for i, ds in enumerate(dss[e]):
+                    ds.resize(step + 1, axis=0)
+                    ds[step] = float(step + i)
+    return steps * engines / (time.perf_counter() - t0)
 
 
 def h5py_baseline(path: str, nbytes: int, total: int) -> float:
