@@ -1,5 +1,7 @@
-"""Test helpers: every MPI job runs in its own process group, with a timeout, and is killed
-(whole group) if it outlives it, so a bug fails a test instead of hanging CI."""
+"""Test helpers: every MPI job runs in its own session, with a timeout, and is killed (its
+process group, and every process of its session or below mpiexec: Open MPI gives each rank a
+group of its own) if it outlives it, so a bug fails a test instead of hanging CI. Jobs start
+through mpipub.launcher, so the suite runs under MPICH and Open MPI (MPI_FLAVOUR says which)."""
 
 from __future__ import annotations
 
