@@ -4,4 +4,6 @@
 set -euo pipefail
 N=${1:?usage: local.sh NRANKS SCRIPT [ARGS]}; shift
 VENV=${VENV:-.venv}
-exec "$VENV/bin/mpiexec" -n "$N" "$VENV/bin/python" -m mpipub run "$@"
+# mpipub.launcher runs the venv's mpiexec with what its MPI needs (Open MPI: --oversubscribe
+# past the cores, --allow-run-as-root as root, no libfabric on one node; MPICH: nothing)
+exec "$VENV/bin/python" -m mpipub.launcher -n "$N" "$VENV/bin/python" -m mpipub run "$@"

@@ -195,6 +195,18 @@ def improbe(comm, source: int, tag: int, status):
     return msg
 
 
+#: Largest raw buffer sent as one MPI message; larger ones travel as consecutive pieces. MPI
+#: counts are C ints: Open MPI 5.0 refuses a count past 2**31 - 1 bytes (MPI_ERR_ARG) where
+#: MPICH takes it (MPI-4 large counts), and so may a site's MPI.
+MAX_PIECE = 1 << 30
+
+
+def _pieces(buf) -> list:
+    """Consecutive byte views of at most MAX_PIECE bytes covering a contiguous ``buf``."""
+    mv = memoryview(buf).cast("B")
+    return [mv[i : i + MAX_PIECE] for i in range(0, mv.nbytes, MAX_PIECE)]
+
+
 def recv_message(comm, MPI, msg, status, buf_tag: int, alloc: Callable = _empty) -> Message:
     """Receive a matched header and the raw buffers that follow it from the same sender
     (into buffers from ``alloc(nbytes)``)."""
@@ -224,7 +236,11 @@ def recv_message(comm, MPI, msg, status, buf_tag: int, alloc: Callable = _empty)
     else:
         for nb in lens:
             b = alloc(nb)
-            comm.Recv([b, MPI.BYTE], source=source, tag=buf_tag)
+            if nb <= MAX_PIECE:
+                comm.Recv([b, MPI.BYTE], source=source, tag=buf_tag)
+            else:  # in the pieces the sender sent (in order: one sender, one tag)
+                for piece in _pieces(b):
+                    comm.Recv([piece, MPI.BYTE], source=source, tag=buf_tag)
             bufs.append(b)
     m.buffers = bufs
     return m
@@ -366,7 +382,11 @@ class Outbox:
         # never spins in Recv until this process runs again; 1 engine at 64 KiB fell from
         # 0.89-1.01x raw to 0.54-0.66x, interleaved jobs.)
         reqs = [self.comm.Isend([enc.header, MPI.BYTE], dest, tag_head)]
-        reqs += [self.comm.Isend([b, MPI.BYTE], dest, tag_buf) for b in enc.buffers]
+        for b in enc.buffers:
+            if memoryview(b).nbytes <= MAX_PIECE:
+                reqs.append(self.comm.Isend([b, MPI.BYTE], dest, tag_buf))
+            else:
+                reqs += [self.comm.Isend([p, MPI.BYTE], dest, tag_buf) for p in _pieces(b)]
         # the buffers stay referenced until the sends complete (MPI reads them until then)
         self._pending.append((reqs, enc.nbytes, enc.count, (enc.buffers, enc.recycle)))
         self.outstanding_bytes += enc.nbytes

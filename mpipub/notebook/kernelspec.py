@@ -75,12 +75,10 @@ def make_spec(engines: int, launcher: list[str], display_name: str | None = None
     nranks = engines + 1
     argv = [*launcher, "-n", str(nranks)]
     env: dict[str, str] = {}
-    if is_open_mpi(launcher[0]):
-        if nranks > (os.cpu_count() or 1):
-            argv.append("--oversubscribe")
-        if hasattr(os, "geteuid") and os.geteuid() == 0:
-            env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
-            env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+    if is_open_mpi(launcher[0]):  # what mpipub.launcher adds for Open MPI (README, "Open MPI")
+        from ..launcher import openmpi_flags
+
+        argv += openmpi_flags(nranks)
     argv += [sys.executable, "-m", KERNEL_MODULE, "-f", "{connection_file}"]
     word = "engine" if engines == 1 else "engines"
     spec = {
