@@ -55,10 +55,8 @@ def mpi_env(extra: dict | None = None) -> dict:
     return env
 
 
-def _session_and_descendants(root: int) -> list[int]:
-    """Processes in ``root``'s session (start_new_session made mpiexec its leader) or below
-    it. Open MPI starts each rank in a process group of its own, inside mpiexec's session,
-    and leaves ranks running when mpiexec exits on a signal, so the group is not enough."""
+def proc_table() -> dict[int, tuple[int, int, int, str, int]]:
+    """pid -> (ppid, process group, session, state, start time) of every process (/proc)."""
     table = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -68,8 +66,17 @@ def _session_and_descendants(root: int) -> list[int]:
             except OSError:
                 continue
             fields = stat[stat.rindex(")") + 2:].split()
-            if fields[0] != "Z":  # (a zombie is gone, only not yet reaped)
-                table[int(d)] = (int(fields[1]), int(fields[3]))  # ppid, session
+            table[int(d)] = (int(fields[1]), int(fields[2]), int(fields[3]), fields[0],
+                             int(fields[19]))
+    return table
+
+
+def _session_and_descendants(root: int) -> list[int]:
+    """Processes in ``root``'s session (start_new_session made mpiexec its leader) or below
+    it. Open MPI starts each rank in a process group of its own, inside mpiexec's session,
+    and leaves ranks running when mpiexec exits on a signal, so the group is not enough."""
+    table = {pid: (ppid, sid) for pid, (ppid, _pgid, sid, state, _start) in proc_table().items()
+             if state != "Z"}  # (a zombie is gone, only not yet reaped)
     found = {pid for pid, (_ppid, sid) in table.items() if sid == root}
     grew = True
     while grew:

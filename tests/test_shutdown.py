@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import MPI_FLAVOUR, PYTHON, finish, mpi_env, start_mpi, wait_for_file
+from conftest import MPI_FLAVOUR, PYTHON, finish, mpi_env, proc_table, start_mpi, wait_for_file
 
 END_BOUND_S = 10.0  # a signalled job must be gone within this many seconds
 
@@ -26,18 +26,8 @@ END_BOUND_S = 10.0  # a signalled job must be gone within this many seconds
 # -- processes of a job, through /proc -----------------------------------------------------------
 def _proc_table() -> dict[int, tuple[int, int, str, int]]:
     """pid -> (ppid, pgid, state, start time) of every process."""
-    table = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        table[int(d)] = (int(fields[1]), int(fields[2]), fields[0], int(fields[19]))
-    return table
+    return {pid: (ppid, pgid, state, start)
+            for pid, (ppid, pgid, _sid, state, start) in proc_table().items()}
 
 
 def _job_processes(root: int) -> dict[int, int]:
