@@ -185,7 +185,9 @@ def render(args) -> str:
         if mpiexec is None:
             raise JobscriptError(f"--launcher mpiexec: no mpiexec beside {python} (install "
                                  "mpipub's 'mpich' extra) ")
-        launch = f'{shlex.quote(mpiexec)} -n "$SLURM_NTASKS"'
+        # mpipub.launcher picks that mpiexec and adds what its MPI needs (Open MPI's flags),
+        # decided inside the job, where the allocation is known
+        launch = f'{shlex.quote(python)} -m mpipub.launcher -n "$SLURM_NTASKS"'
     name = args.job_name or "mpipub-" + os.path.splitext(os.path.basename(args.script))[0]
     run = [python, "-m", "mpipub", "run"]
     if args.sink:

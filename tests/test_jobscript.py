@@ -41,13 +41,18 @@ def test_generated_script_has_the_options_and_this_python(sim):
 
 
 def test_generated_mpiexec_script_uses_the_mpiexec_beside_this_python(sim):
+    """Through mpipub.launcher, run by this python: the mpiexec beside it, with what its MPI
+    needs decided inside the job."""
     r = jobscript(["--launcher", "mpiexec", "sim.py"], sim)
     assert r.returncode == 0, r.stderr
     launch = [ln for ln in r.stdout.splitlines() if "-m mpipub run" in ln]
     assert len(launch) == 1, r.stdout
-    mpiexec = launch[0].split()[0]
-    assert os.path.isabs(mpiexec) and os.access(mpiexec, os.X_OK), launch
-    assert '-n "$SLURM_NTASKS"' in launch[0], launch
+    assert launch[0].startswith(f'{sys.executable} -m mpipub.launcher -n "$SLURM_NTASKS" '
+                                f'{sys.executable} -m mpipub run '), launch
+    from mpipub import launcher
+
+    cmd = launcher.mpiexec_command(4, ["x"])
+    assert os.path.isabs(cmd[0]) and os.access(cmd[0], os.X_OK), cmd
 
 
 @pytest.mark.parametrize("args, says", [
