@@ -64,9 +64,10 @@ class _Runtime:
         self.closed = False
         self.sinks: list = []
         self.failed_sinks: list = []
-        # tasks finished lately: a signal that reached the engines too may end a task just
-        # before close() looks, and it was cut short all the same
-        self.finished: collections.deque = collections.deque(maxlen=256)
+        # tasks finished lately, in brief (never the records: they hold received buffers): a
+        # signal that reached the engines too may end a task just before close() looks, and
+        # it was cut short all the same
+        self.finished: collections.deque = collections.deque(maxlen=64)
         #: The Jupyter kernel that owns the engines until it shuts down (mpipub.notebook):
         #: while set, Client.close() leaves the engines running.
         self.owner: object | None = None
@@ -111,7 +112,7 @@ class _Runtime:
                     s.on_task_end(rec)
                 with self.lock:
                     self.records.pop(m.task_id, None)
-                self.finished.append(rec)
+                self.finished.append(_EndedTask(rec))
         elif m.kind == wire.OUTPUT:
             text = m.decode()
             rec.on_output(m.source, m.step, text)
@@ -182,7 +183,7 @@ class _Runtime:
         running = [r for r in list(self.records.values()) if r.pending]
         cut = list(running)
         if since is not None:  # and those that a signal ended on the engines meanwhile
-            cut[:0] = [r for r in list(self.finished) if _ended_by_signal(r, since)]
+            cut[:0] = [t for t in list(self.finished) if t.by_signal and t.finished >= since - 5]
         for rec in cut:
             for s in self.sinks:
                 s.on_task_cut_short(rec, why)
@@ -200,7 +201,8 @@ class _Runtime:
         if cut:
             sys.stderr.write(f"mpipub: job cut short: {why}; " + "; ".join(
                 f"task {r.task_id} ({r.label}) stopped with " + ", ".join(
-                    f"engine {e} at {_last_step(r, e)}" for e in r.engines) for r in cut)
+                    f"engine {e} at {_step_text(s)}" for e, s in _last_steps(r).items())
+                for r in cut)
                 + "\n")
         self._close_sinks()
 
@@ -256,22 +258,31 @@ class _Runtime:
         self.sinks = []
 
 
-def _ended_by_signal(rec: TaskRecord, since: float) -> bool:
-    """Whether a finished task was ended by the signal that reached rank 0 at ``since``: an
-    engine that got it too reported KeyboardInterrupt or TaskAborted('... got SIGTERM'), maybe
-    before rank 0's own Python handler ran (hence the slack)."""
-    if rec.finished is None or rec.finished < since - 5.0:
-        return False
-    for st in rec.state.values():
-        err = st.error
-        if err is not None and (err.ename == "KeyboardInterrupt" or (
-                err.ename == "TaskAborted" and " got SIG" in err.evalue)):
-            return True
-    return False
+class _EndedTask:
+    """What close() needs of a finished task: whether a signal ended it (an engine reported
+    KeyboardInterrupt or TaskAborted('... got SIGTERM'), maybe before rank 0's own handler
+    ran) and where each engine was."""
+
+    __slots__ = ("task_id", "label", "finished", "by_signal", "steps")
+
+    def __init__(self, rec: TaskRecord):
+        self.task_id, self.label = rec.task_id, rec.label
+        self.finished = rec.finished or time.time()
+        self.steps = _last_steps(rec)
+        self.by_signal = any(
+            st.error is not None and (st.error.ename == "KeyboardInterrupt" or (
+                st.error.ename == "TaskAborted" and " got SIG" in st.error.evalue))
+            for st in rec.state.values())
 
 
-def _last_step(rec: TaskRecord, engine: int) -> str:
-    step = rec.state[engine].stats.last_step
+def _last_steps(task) -> dict:
+    """{engine: last step received} of a TaskRecord or an _EndedTask."""
+    if isinstance(task, _EndedTask):
+        return task.steps
+    return {e: task.state[e].stats.last_step for e in task.engines}
+
+
+def _step_text(step: int | None) -> str:
     return "no step published" if step is None else f"step {step}"
 
 
