@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -80,19 +81,39 @@ class Kernel:
     """A started kernel, its client and every process of its job."""
 
     def __init__(self, kernel_dir: Path, tmp: Path, name: str = "mpipub-test"):
+        self.procs: list = []
+        self.tmp = tmp
+        self.kc = None
+        try:
+            self._start(kernel_dir, name)
+        except RuntimeError as exc:
+            # Known, not understood (next session): under Open MPI one kernel start of the
+            # CI run did not answer within START_TIMEOUT_S, once in three full runs; never
+            # reproduced alone. Say so, with the job's processes, and start once more: a
+            # second failure fails the test.
+            procs = job_processes(self.km.provisioner.process.pid) if self.km.provisioner \
+                else []
+            ps = [" ".join(p.cmdline()) for p in alive(procs)]
+            self.km.shutdown_kernel(now=True)
+            for p in alive(procs):
+                p.kill()
+            warnings.warn(f"mpipub kernel did not start ({exc}); processes: {ps}; retrying once",
+                          RuntimeWarning, stacklevel=2)
+            self._start(kernel_dir, name)
+        self.remember()
+
+    def _start(self, kernel_dir: Path, name: str) -> None:
         ksm = KernelSpecManager(kernel_dirs=[str(kernel_dir)])
         self.km = KernelManager(kernel_name=name, kernel_spec_manager=ksm)
         self.km.shutdown_wait_time = 10.0
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         env.pop("MPLBACKEND", None)
         self.km.start_kernel(env=env, cwd=str(ROOT))
-        self.procs: list = []
-        self.tmp = tmp
-        self.kc = None
+        if self.kc is not None:
+            self.kc.stop_channels()
         self.kc = self.km.client()
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=START_TIMEOUT_S)
-        self.remember()
 
     def remember(self) -> None:
         """Record the job's processes (mpiexec and its descendants), for the checks."""
