@@ -6,7 +6,9 @@ last runs real engines both ways, with the C path and with MPIPUB_PURE_PYTHON=1.
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -20,6 +22,25 @@ from mpipub.transport import packing, wire
 
 fastpub = batch.fastpub
 needs_c = pytest.mark.skipif(fastpub is None, reason="mpipub.engine._fastpub is not built here")
+
+
+def test_the_c_path_is_built_where_it_is_required():
+    """Where the extension must be built (MPIPUB_REQUIRE_FASTPUB=1, as .ci/run sets), its
+    absence fails here instead of the equivalence tests below skipping; MPIPUB_PURE_PYTHON=1
+    turns the C path off (publish_data is then the Python function)."""
+    from mpipub import config, publish_data
+
+    if os.environ.get("MPIPUB_REQUIRE_FASTPUB") == "1":
+        try:
+            importlib.import_module("mpipub.engine._fastpub")
+        except ImportError as exc:
+            pytest.fail(f"MPIPUB_REQUIRE_FASTPUB=1 but mpipub.engine._fastpub is not built: {exc}")
+    if config.get("MPIPUB_PURE_PYTHON"):
+        assert fastpub is None and type(publish_data).__name__ == "function", publish_data
+    elif fastpub is None:
+        pytest.skip("mpipub.engine._fastpub is not built here")
+    else:
+        assert isinstance(publish_data, fastpub.Publisher), publish_data
 
 
 class _Sub(np.ndarray):

@@ -307,7 +307,7 @@ def _culprit(fn, args, kwargs) -> str:
     """Name the first part of a task that cannot be serialised."""
     def fails(obj) -> Exception | None:
         try:
-            _engine._cloudpickle().dumps(obj, protocol=5, buffer_callback=lambda b: None)
+            wire.cloudpickle().dumps(obj, protocol=5, buffer_callback=lambda b: None)
         except Exception as exc:  # noqa: BLE001
             return exc
         return None
@@ -326,7 +326,7 @@ def _culprit(fn, args, kwargs) -> str:
 def _encode_task(task_id: int, payload: tuple, label: str, options: dict) -> wire.Encoded:
     fn, args, kwargs = payload
     try:
-        dumps = _engine._cloudpickle().dumps  # (imported on first submit: start-up stays light)
+        dumps = wire.cloudpickle().dumps  # (imported on first submit: start-up stays light)
         return wire.encode(wire.TASK, task_id, 0, (fn, args, kwargs, options), dumps)
     except Exception as exc:  # noqa: BLE001
         raise TaskNotSendable(f"cannot send {label} to the engines: "

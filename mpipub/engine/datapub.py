@@ -64,7 +64,7 @@ def publish_data(data: Mapping[str, Any], *, copy: bool = True) -> None:
     promises not to modify them until the task function returns (faster for large arrays,
     wrong if the promise is broken); smaller ones are copied anyway, which measured faster.
     """
-    eng = _engine._current
+    eng = _engine.current_engine()
     if eng is not None and get_ident() != eng.task_thread:
         # a thread of the task's own: published whole before the task's end is decided
         # (run_task marks the threads it leaves running under this lock)

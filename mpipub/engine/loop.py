@@ -63,13 +63,6 @@ def fast_path_on() -> bool:
     return fastpub is not None and fastpub.current() is not None
 
 
-def _cloudpickle():
-    """cloudpickle, imported when the first result is sent (keeps engine start-up light)."""
-    import cloudpickle
-
-    return cloudpickle
-
-
 def serve_and_exit(world: World) -> None:
     """Engine ranks: serve tasks until the client stops us, then end the process (status 0)."""
     Engine(world).serve()
@@ -368,12 +361,12 @@ class Engine:
             # every publication completes before the result is sent (and zero-copy arrays
             # are free for the caller again once the task has returned)
             self.sender.drain()
-            self.send(wire.RESULT, self.step, (ok, value, t0, t1), _cloudpickle().dumps)
+            self.send(wire.RESULT, self.step, (ok, value, t0, t1), wire.cloudpickle().dumps)
         except Exception as exc:  # noqa: BLE001 - e.g. the result cannot be pickled
             info = self._error_info(exc)
             info = (info[0], f"the task's return value could not be sent to the client: {info[1]}",
                     info[2])
-            self.send(wire.RESULT, self.step, (False, info, t0, t1), _cloudpickle().dumps)
+            self.send(wire.RESULT, self.step, (False, info, t0, t1), wire.cloudpickle().dumps)
         self.sender.drain()
         self.task_id = None
         self.task_options = {}

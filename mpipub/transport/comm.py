@@ -129,17 +129,6 @@ def _refuse_world_of_one() -> None:
     )
 
 
-def mpi_size_hint() -> int | None:
-    """Number of ranks announced by the launcher's environment, without initialising MPI."""
-    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_NTASKS"):
-        if var in os.environ:
-            try:
-                return int(os.environ[var])
-            except ValueError:
-                pass
-    return None
-
-
 def finalize() -> None:
     """Finalize MPI now (used before a fast exit)."""
     if _world is not None:

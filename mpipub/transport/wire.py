@@ -440,3 +440,11 @@ class Outbox:
 
     def __len__(self) -> int:
         return len(self._pending)
+
+
+def cloudpickle():
+    """cloudpickle, which tasks and results travel with (functions from ``__main__`` and
+    notebook cells go by value), imported on first use: start-up stays light on every rank."""
+    import cloudpickle
+
+    return cloudpickle
