@@ -348,14 +348,17 @@ class AsyncResult:
     # -- identity -------------------------------------------------------------------------------
     @property
     def task_id(self) -> int:
+        """The task's number on this client (1, 2, ...; a sink file's ``task_N`` group)."""
         return self._rec.task_id
 
     @property
     def engine_ids(self) -> list[int]:
+        """The engines (MPI ranks) this result covers, in order."""
         return list(self._engines)
 
     @property
     def engine_id(self) -> int | list[int]:
+        """The engine's rank for a single-engine view (``c[2]``), else the list of ranks."""
         return self._engines[0] if self._single else list(self._engines)
 
     def __repr__(self) -> str:
@@ -566,6 +569,7 @@ class AsyncResult:
 
     @property
     def submitted(self) -> datetime.datetime:
+        """When the task was submitted on rank 0."""
         return _datetime(self._rec.submitted)  # type: ignore[return-value]
 
     @property

@@ -633,6 +633,7 @@ class DirectView:
         return ar  # type: ignore[return-value]
 
     def map_sync(self, f: Callable, /, *sequences: Sequence) -> list:
+        """``map_async(f, *sequences).get()``: the results in input order."""
         return self.map_async(f, *sequences).get()
 
     def map(self, f: Callable, /, *sequences: Sequence, block: bool | None = None):
