@@ -1,7 +1,7 @@
 """The documentation stays true to the code: every public name and every public method or
 property of a public class has a docstring (the API reference, docs/api.rst, is generated from
 them; CI builds it with warnings as errors), the reference names every public name, and the
-README's test commands are the ones .ci/run runs. No MPI job is started here."""
+README's test and docs commands are the ones .ci/run runs. No MPI job is started here."""
 
 from __future__ import annotations
 
@@ -61,11 +61,12 @@ def test_the_api_reference_names_every_public_name():
     assert ".. mpipub-cli::" in text  # the command's help, from its parser
 
 
-def test_ci_runs_the_readme_test_commands():
+def test_ci_runs_the_readme_test_and_docs_commands():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    commands = [c for c in re.findall(r"^```bash\n(.*?)\n```", readme, re.S | re.M)
-                if "pytest" in c]
-    assert len(commands) >= 2, "the README's test commands were not found"
-    for command in commands[:2]:
+    blocks = re.findall(r"^```bash\n(.*?)\n```", readme, re.S | re.M)
+    tests = [c for c in blocks if "pytest" in c]
+    docs = [c for c in blocks if "sphinx-build" in c]
+    assert len(tests) == 2 and len(docs) == 1, "the README's test and docs commands"
+    for command in tests + docs:
         assert command in ci, command
