@@ -17,7 +17,6 @@ copyright = "the mpipub developers"  # noqa: A001 - Sphinx's name for it
 extensions = [
     "myst_parser",
     "sphinx.ext.autodoc",
-    "sphinx.ext.napoleon",
     "mpipub_cli",  # docs/_ext/mpipub_cli.py: the `mpipub` command's help, from its parser
 ]
 
@@ -34,6 +33,9 @@ autodoc_member_order = "bysource"
 autodoc_default_options = {"members": True, "undoc-members": False}
 # type hints go into the description, not the signature (long unions stay readable)
 autodoc_typehints = "description"
+# parameter types only where the docstring names the parameter (the docstrings are prose,
+# not Google/NumPy sections); return types always
+autodoc_typehints_description_target = "documented_params"
 autodoc_typehints_format = "short"
 # Importing mpipub's public names must not start MPI; nothing in them does at import time,
 # and h5py, numpy, matplotlib are real imports (installed with mpipub).
