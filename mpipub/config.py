@@ -57,6 +57,8 @@ SETTINGS = {s.name: s for s in [
             "publications an engine may have in flight before publish_data waits"),
     Setting("MPIPUB_LINGER_S", 0.0001, "seconds",
             "how long the engine's flusher lets a batch wait for the next step"),
+    Setting("MPIPUB_KERNEL_STOP_TIMEOUT_S", 1.5, "seconds",
+            "how long a notebook kernel's shutdown waits for busy engines before MPI_Abort"),
     Setting("MPIPUB_PURE_PYTHON", False, "bool",
             "turn the C path of publish_data off"),
 ]}

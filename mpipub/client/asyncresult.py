@@ -72,8 +72,8 @@ class EngineStats:
     ``last_time`` (arrival time of the last publication on rank 0) and ``lag`` (its arrival
     minus publish time, seconds)."""
 
-    # (a plain class, not a dataclass: importing dataclasses costs every rank ~10 ms at
-    # start-up, benchmark row 6)
+    # (a plain class, not a dataclass: importing dataclasses adds to every rank's start-up,
+    # benchmark row 6; docs/benchmarks.md)
     __slots__ = ("publications", "bytes", "last_step", "last_time", "lag")
 
     def __init__(self, publications: int = 0, bytes: int = 0, last_step: int | None = None,
@@ -210,8 +210,8 @@ class TaskRecord:
         self.reported: set = set()  # (engine, step, key) of values that could not be decoded
         self.io_error: BaseException | None = None
         # threads blocked in stream(): only they need a wake-up per publication. Waking a
-        # get()/wait() caller for every publication costs two GIL hand-offs per message and
-        # made 64 KiB streams 2-4x slower (benchmarks/, row 1).
+        # get()/wait() caller for every publication costs two GIL hand-offs per message
+        # (docs/benchmarks.md, "Why the constants are what they are").
         self.data_waiters = 0
 
     # -- called by the I/O thread ---------------------------------------------------------------
@@ -348,14 +348,17 @@ class AsyncResult:
     # -- identity -------------------------------------------------------------------------------
     @property
     def task_id(self) -> int:
+        """The task's number on this client (1, 2, ...; a sink file's ``task_N`` group)."""
         return self._rec.task_id
 
     @property
     def engine_ids(self) -> list[int]:
+        """The engines (MPI ranks) this result covers, in order."""
         return list(self._engines)
 
     @property
     def engine_id(self) -> int | list[int]:
+        """The engine's rank for a single-engine view (``c[2]``), else the list of ranks."""
         return self._engines[0] if self._single else list(self._engines)
 
     def __repr__(self) -> str:
@@ -566,6 +569,7 @@ class AsyncResult:
 
     @property
     def submitted(self) -> datetime.datetime:
+        """When the task was submitted on rank 0."""
         return _datetime(self._rec.submitted)  # type: ignore[return-value]
 
     @property

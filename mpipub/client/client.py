@@ -336,8 +336,8 @@ def _encode_task(task_id: int, payload: tuple, label: str, options: dict) -> wir
 
 #: Default ``Client(history_bytes=...)``: what each task keeps for ``AsyncResult.stream()``.
 #: Kept modest on purpose: rank 0's memory is often shared with engines, and memory that is
-#: released gets reused for the next receives (a run that kept everything received into
-#: fresh pages measured 2.2-3.3 GB/s at 64 KiB-1 MiB, against 5-5.7 GB/s with 64 MiB).
+#: released gets reused for the next receives, which is faster than receiving into fresh
+#: pages (docs/benchmarks.md, "Why the constants are what they are").
 #: The HDF5 sink is the place that keeps every step.
 HISTORY_BYTES = 64 << 20
 
@@ -635,6 +635,7 @@ class DirectView:
         return ar  # type: ignore[return-value]
 
     def map_sync(self, f: Callable, /, *sequences: Sequence) -> list:
+        """``map_async(f, *sequences).get()``: the results in input order."""
         return self.map_async(f, *sequences).get()
 
     def map(self, f: Callable, /, *sequences: Sequence, block: bool | None = None):

@@ -25,7 +25,7 @@ POLL_MAX_S = config.get("MPIPUB_CLIENT_POLL_MAX_S")
 BATCH = 256  # messages received before looking at the outbox again
 #: With no task outstanding (``quiet()``), the I/O thread waits this long for a post instead:
 #: a post wakes it at once, and nothing is sent to rank 0 without a task (or a stop) posted
-#: first. Polling every 0.5 ms cost an idle client 4-5% of a core (docs/benchmarks.md).
+#: first. Polling every 0.5 ms kept an idle client busy (docs/benchmarks.md, row 5).
 POLL_IDLE_S = 0.1
 
 

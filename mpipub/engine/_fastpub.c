@@ -1,7 +1,7 @@
 /* mpipub.engine._fastpub: publish_data's common case in C (optional; mpipub works without it).
  *
- * Why: a 64 KiB publish_data in Python cost 2.4-4.7x a numpy.copyto of the same array
- * (benchmarks/, row 3), nearly all of it interpreter work around the one memcpy. Here the
+ * Why: a 64 KiB publish_data in Python cost several times a numpy.copyto of the same array
+ * (docs/benchmarks.md, row 3), nearly all of it interpreter work around the one memcpy. Here the
  * whole call is one C function: it copies the arrays into the open batch's slab and appends
  * the publication's metadata exactly as packing.Batch.add would.
  *
@@ -520,7 +520,7 @@ static PyTypeObject SenderBase_Type = {
 /* The public publish_data when this module is built: a C callable that tries the C path
  * first and calls the Python publish_data (datapub.py, its ``fallback``) for everything else.
  * Why not a Python function calling fast_publish: after a pause (a simulation's compute
- * phase) that one Python frame cost 5-9 us here, more than the C path itself (benchmarks/,
+ * phase) that one Python frame cost more than the C path itself (docs/benchmarks.md,
  * row 3). It looks like the Python function (functools.update_wrapper: __doc__, __name__,
  * __wrapped__ for inspect.signature) and pickles by reference, as the function does. */
 static PyObject *current_sender;  /* the running task's sender (SenderBase), or NULL */

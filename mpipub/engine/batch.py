@@ -17,8 +17,8 @@ from ..transport.packing import ARRAY, PICKLED, VALUE
 SLAB_ITEM_MAX = 256 << 10
 SLAB_BYTES = 1 << 20
 #: ``copy=False`` sends arrays from their own memory only from this size: below it a copy
-#: into a pooled buffer is faster end to end (measured, 1 engine: 1 MiB arrays at 2.2 GB/s
-#: from the caller's array, 6.3 GB/s copied; the copy stays in cache until the client reads).
+#: into a pooled buffer is faster end to end, because the copy stays in cache until the
+#: client reads it (docs/benchmarks.md, "Why the constants are what they are").
 ZERO_COPY_MIN = 4 << 20
 ALIGN = 64  # slab offsets: arrays rebuilt on the client are aligned for SIMD loads
 

@@ -28,28 +28,23 @@ from ..transport.polling import Backoff
 from .sender import Sender
 
 #: Idle polling: first sleep, growth factor and longest sleep (seconds). The longest sleep
-#: bounds how long an idle engine takes to notice a task. Measured (benchmarks/, row 5, with
-#: wire.improbe's second probe): an idle engine starts a task 1.3-1.5 ms after it is sent
-#: with 2 ms sleeps, 1.8-2.0 ms with 3 ms, 2.3-2.5 ms with 4 ms; each wake-up costs 20-50 us
-#: of CPU on these VMs, so idle engines cost 1.0-2.5% of a core with 2 ms, 0.8-1.3% with
-#: 4 ms. Oversubscribed nodes pay that per idle engine: 4 ms.
+#: bounds how long an idle engine takes to notice a task, and sets what idle engines cost
+#: (every wake-up takes CPU, per idle engine on an oversubscribed node): 4 ms keeps both
+#: small (docs/benchmarks.md, "Why the constants are what they are").
 POLL_MIN_S = 20e-6
 POLL_GROWTH = 1.5
 POLL_MAX_S = config.get("MPIPUB_ENGINE_POLL_MAX_S")
 
 #: Bound on what one engine has sent and the client has not received yet (bytes, and
 #: publications; two messages may always be in flight, see wire.Outbox); past it
-#: publish_data waits for the oldest send. Measured on 2 cores, settings interleaved in one
-#: job, pooled buffers on huge pages (wire.HUGE): 1 engine, 64 KiB: 0.61-1.44x raw with
-#: 8 MiB, 0.83-1.38x with 4 MiB, 0.75-1.0x with 2 MiB (rank 0 waits for the engine to see a
-#: send end); 1 MiB: 3.7x with 4-8 MiB, 2.4-2.5x with 1-2 MiB; 4 engines: 2.0-2.4x with any.
-#: Before huge pages, 8 MiB was 0.56-0.63x at 64 KiB (more 4 KiB pages to walk per transfer).
+#: publish_data waits for the oldest send. 4 MiB: large enough to keep a transfer queued
+#: at rank 0, small enough that what rank 0 reads is still in cache from the engine's copy
+#: (docs/benchmarks.md, "Why the constants are what they are").
 MAX_OUTSTANDING_BYTES = config.get("MPIPUB_MAX_OUTSTANDING_BYTES")
 MAX_OUTSTANDING_COUNT = config.get("MPIPUB_MAX_OUTSTANDING_COUNT")
-#: A running task reads abort requests at most this often (seconds), from publish_data
-#: (an MPI probe costs a few us: a call every step would be most of a small publication;
-#: and a call that polls takes the Python path, not the C one: at 10 ms that was one call in
-#: five for a simulation stepping every 2 ms).
+#: A running task reads abort requests at most this often (seconds), from publish_data: a
+#: probe at every call would be most of a small publication's cost, and a call that polls
+#: takes the Python path, not the C one (docs/benchmarks.md, "Why the constants are what they are").
 ABORT_POLL_S = 0.05
 
 _current: Engine | None = None

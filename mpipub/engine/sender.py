@@ -1,13 +1,14 @@
 """The engine's send side: publications coalesce into batches; every send is ordered.
 
 Calling MPI once per ``publish_data`` costs more than the message itself for small and
-medium arrays (benchmarks/, rows 1-3). So the call only copies into the open batch
+medium arrays (docs/benchmarks.md, rows 1-3). So the call only copies into the open batch
 (packing.py). The batch goes out
 
 - from the caller's thread, as soon as it holds ``BATCH_BYTES`` or ``BATCH_PUBS``
   publications or is ``MAX_AGE_S`` old (a tight loop never waits for another thread);
 - from the *flusher* thread, once no publication was added for ``LINGER_S`` (the last
-  step before a compute phase reaches the client ~0.1 ms later, not at the next call).
+  step before a compute phase goes out then, not at the next call; when the task publishes
+  at a steady pace the flusher waits on a timer instead, up to ``WAKE_SLACK_S`` later).
 
 Results, printed output and control messages take the same path behind any open batch, so
 the client never sees a task's result before its data. The flusher also tests outstanding
@@ -42,11 +43,12 @@ LINGER_S = config.get("MPIPUB_LINGER_S")
 _PROGRESS_MIN_S = 50e-6
 _PROGRESS_MAX_S = 1e-3
 #: A publication does not wake the flusher when it will look by itself within this long
-#: (seconds): waking a sleeping thread cost ~6 us in the caller here (a futex wake of another
-#: CPU), more than half of a 64 KiB copy. So a task that publishes at a steady pace is
-#: served by a timer: once idle, the flusher sleeps until the next step is due (the last
-#: interval between publications, plus LINGER_S and _EXPECT_LATE_S), and a step that comes
-#: within this window is posted then, up to this much later than a wake-up would post it.
+#: (seconds): waking a sleeping thread costs the caller more than half of a 64 KiB copy
+#: (docs/benchmarks.md, "Why the constants are what they are"). So a task that publishes at
+#: a steady pace is served by a timer: once idle, the flusher sleeps until the next step is
+#: due (the last interval between publications, plus LINGER_S and _EXPECT_LATE_S), and a
+#: step that comes within this window is posted then, up to this much later than a wake-up
+#: would post it.
 WAKE_SLACK_S = 0.5e-3
 _EXPECT_LATE_S = 0.25e-3
 _NEVER = -math.inf  # wakes_at of a flusher on a short timer: it looks by itself, never woken
@@ -149,10 +151,9 @@ class Sender(object if fastpub is None else fastpub.SenderBase):  # type: ignore
             else:  # it starts its linger clock
                 wake = len(b.pubs) == 1 and self.wakes_at - t > WAKE_SLACK_S
         # Only an idle flusher is woken (or one whose timer is far off): one on a short timer
-        # looks by itself. Waking it at every batch cost a thread switch each time, ~10% of a
-        # 64 KiB stream when the kernel put the flusher beside rank 0's I/O thread (threads
-        # pinned: 5.0-5.1 against 5.4-5.9 GB/s); woken only when idle, where it runs made no
-        # difference (5.0-5.6 GB/s).
+        # looks by itself. Waking it at every batch cost a thread switch each time, which
+        # slowed a 64 KiB stream when the flusher ran beside rank 0's I/O thread
+        # (docs/benchmarks.md, "Why the constants are what they are").
         if wake:
             self._wake_flusher()
 
@@ -229,10 +230,10 @@ class Sender(object if fastpub is None else fastpub.SenderBase):  # type: ignore
     def _flush_loop(self) -> None:
         # The flusher never blocks on the lock: when the task's thread holds it, that thread
         # is publishing (and posts by itself when batches pile up), so we look again later.
-        # Blocking would convoy the two threads on the lock and the GIL (measured: 1 MiB
-        # publications 4x slower). While the task publishes, it also tests its sends itself,
-        # so we only look every `busy` seconds (doubling to MAX_AGE_S): on an oversubscribed
-        # node every wake-up takes a core from someone.
+        # Blocking would convoy the two threads on the lock and the GIL (docs/benchmarks.md,
+        # "Why the constants are what they are"). While the task publishes, it also tests its
+        # sends itself, so we only look every `busy` seconds (doubling to MAX_AGE_S): on an
+        # oversubscribed node every wake-up takes a core from someone.
         lock = self.lock
         busy = LINGER_S
         poll = _PROGRESS_MIN_S

@@ -18,12 +18,13 @@ import threading
 from ipykernel.ipkernel import IPythonKernel
 from ipykernel.kernelapp import IPKernelApp
 
+from mpipub import config
 from mpipub.client import client as _client
 from mpipub.transport import comm as _comm
 
 #: How long shutdown waits for busy engines before it ends the job (jupyter_client sends
 #: SIGTERM after half its shutdown_wait_time, 2.5 s by default).
-STOP_TIMEOUT_S = float(os.environ.get("MPIPUB_KERNEL_STOP_TIMEOUT_S", "1.5"))
+STOP_TIMEOUT_S = config.get("MPIPUB_KERNEL_STOP_TIMEOUT_S")
 
 _stop_lock = threading.Lock()
 

@@ -376,6 +376,7 @@ class Run:
                 time.sleep(0.05)
 
     def close(self) -> None:
+        """Close the file (also at the end of a ``with`` block)."""
         if self._f is not None:
             self._f.close()
             self._f = None
@@ -392,6 +393,8 @@ class Run:
     # -- contents -------------------------------------------------------------------------------
     @property
     def attrs(self) -> dict:
+        """The file's attributes: ``mpipub_format``, ``created``, ``nranks``, ``hosts`` (by rank),
+        ``closed`` (docs/sink.md, "Layout")."""
         a = dict(self._f.attrs)
         if "hosts" in a:
             a["hosts"] = json.loads(a["hosts"])
@@ -404,9 +407,12 @@ class Run:
 
     @property
     def tasks(self) -> list[int]:
+        """The ids of the tasks in the file, in order."""
         return sorted(self._tasks)
 
     def task(self, task_id: int | None = None) -> TaskData:
+        """One task's data (default: the task chosen at ``open``, else the latest); a
+        ``KeyError`` names the tasks there are."""
         if task_id is None:
             task_id = self._task
         if task_id is None:
@@ -421,27 +427,34 @@ class Run:
 
     @property
     def engines(self) -> list[int]:
+        """The engines (MPI ranks) of the task."""
         return self.task().engines
 
     @property
     def keys(self) -> list[str]:
+        """Every key any engine of the task published."""
         return self.task().keys
 
     @property
     def data(self) -> list[dict]:
+        """Latest value of every key per engine, merged like ``AsyncResult.data``."""
         return self.task().data
 
     def data_at(self, step: int) -> list[dict | None]:
+        """What each engine published at ``step`` (None where it did not)."""
         return self.task().data_at(step)
 
     def __getitem__(self, key) -> list:
         return self.task()[key]
 
     def steps(self, key=None) -> list[np.ndarray]:
+        """Per engine, the steps stored (of ``key``, or of any key)."""
         return self.task().steps(key)
 
     @property
     def times(self) -> list[np.ndarray]:
+        """Per engine, each stored step's publish time (engine clock, seconds since the
+        epoch)."""
         return self.task().times
 
 

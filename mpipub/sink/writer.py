@@ -48,9 +48,8 @@ _FILE_KW = dict(libver=("v110", "v110"), locking=False, rdcc_nbytes=4 << 20)
 
 #: Default bound of the writer's queue. The page cache, not this queue, absorbs the disk's
 #: pace; the queue only lets the I/O thread run ahead of the writer. Every queued byte is a
-#: received buffer held on rank 0, so a deep queue costs memory and cache: 1 MiB steps from
-#: 4 engines into the sink reached 0.5-1.7 GB/s with 256 MiB, 1.0-2.3 GB/s with 16-128 MiB
-#: (2 cores, jobs alternating; plain h5py 2.0-2.6 GB/s).
+#: received buffer held on rank 0, so a deep queue costs memory and cache, and measured
+#: slower (docs/benchmarks.md, "Why the constants are what they are").
 MAX_QUEUE_BYTES = 64 << 20
 
 #: the writer takes a batch when this much is queued, or when the oldest item waited

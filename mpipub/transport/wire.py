@@ -31,11 +31,10 @@ _FIXED = struct.Struct("<BBBxIqqdQIQd")
 _LEN = struct.Struct("<Q")
 ALIGN = 16
 
-#: Publications whose raw buffers total at most this many bytes travel as one MPI message.
-#: Measured (python -m mpipub.bench --only inline, row 1i; pip MPICH 5.0, 2 cores, 1 engine,
-#: copy mode, three runs, pooled buffers on huge pages): one message carrying a copy gave
-#: 1.3-2.2x the throughput of header + raw buffer from 1 to 8 KiB, and 0.7-0.8x from 16 KiB,
-#: where the raw buffer's single-copy transfer takes over (it was 32 KiB before huge pages).
+#: Publications whose raw buffers total at most this many bytes travel as one MPI message:
+#: up to here one message carrying a copy beats a header plus a raw buffer; above it the raw
+#: buffer's single-copy transfer wins (benchmark row 1i, `python -m mpipub.bench --only
+#: inline`; docs/benchmarks.md, "Why the constants are what they are").
 INLINE_LIMIT = 8 * 1024
 
 # Message kinds.
@@ -69,8 +68,8 @@ def _empty(nbytes: int):
 
 #: Pooled buffers of at least HUGE_MIN bytes are carved from 2 MiB-aligned memory that the
 #: kernel may back with transparent huge pages (madvise; where THP is off nothing changes).
-#: MPICH's single-copy receive walks both processes' pages: measured here, a 1 MiB stream
-#: into 64 receive buffers went from 2.0-2.5 to 8.3-8.6 GB/s, into 2 from 7.4-10.6 to 14-21.
+#: MPICH's single-copy receive walks both processes' pages, and runs far faster on huge
+#: pages (docs/benchmarks.md, "Why the constants are what they are").
 HUGE = 2 << 20
 HUGE_MIN = 64 << 10
 
@@ -186,9 +185,9 @@ class Message:
 def improbe(comm, source: int, tag: int, status):
     """A matched probe (``comm.improbe``) that sees a message already delivered: MPICH
     matches before it makes progress, so after a pause (an idle sleep) the first call misses
-    a message that is there and only the second finds it (measured with pip MPICH 5.0: always
-    exactly two calls; a single probe per wake-up made an idle engine start a task 3.3 ms
-    after it was sent instead of 1.0 ms, with 2 ms sleeps). So a miss probes once more."""
+    a message that is there and only the second finds it (pip MPICH 5.0: always exactly two
+    calls, tests/test_polling.py; with one probe per wake-up an idle engine saw a task one
+    sleep late: docs/benchmarks.md, row 5). So a miss probes once more."""
     msg = comm.improbe(source, tag, status)
     if msg is None:
         msg = comm.improbe(source, tag, status)
@@ -248,10 +247,11 @@ def recv_message(comm, MPI, msg, status, buf_tag: int, alloc: Callable = _empty)
 
 class BufferPool:
     """Send buffers recycled by size, so a simulation publishing the same shapes every step
-    does not pay fresh-page faults for every copy (~1 us per 4 KiB on the machines measured,
-    several times the copy). Holds at most ``max_bytes`` idle; a buffer given back when the
-    pool is full evicts buffers of other sizes, so a task publishing new shapes does not find
-    the pool filled with a previous task's. Not thread-safe: the engine's sender lock guards it.
+    does not pay fresh-page faults for every copy (each costs several times the copy:
+    docs/benchmarks.md, "Why the constants are what they are"). Holds at most ``max_bytes``
+    idle; a buffer given back when the pool is full evicts buffers of other sizes, so a task
+    publishing new shapes does not find the pool filled with a previous task's. Not
+    thread-safe: the engine's sender lock guards it.
     """
 
     def __init__(self, max_bytes: int = 64 << 20):
@@ -291,8 +291,8 @@ class RecvPool:
     """Receive buffers on rank 0, reused once nothing references what was received into them.
 
     Every array the client hands out views a received buffer, and ``ar.data``, ``stream()``
-    history and the sink keep them for a while, so each message would land in fresh memory;
-    on the machines measured a page fault costs ~1 us per 4 KiB (3-4x the copy itself). So
+    history and the sink keep them for a while, so each message would land in fresh memory,
+    where page faults cost more than the copy itself (docs/benchmarks.md). So
     the pool keeps *backing* memory (in a ``BufferPool``, by size class: 64 KiB steps up to
     2 MiB, then 1 MiB steps) and lends a fresh ndarray over it (``np.frombuffer`` of a
     memoryview, so every array numpy derives from it keeps exactly that ndarray as its base).
@@ -369,8 +369,7 @@ class Outbox:
         MPI = self.MPI
         # Two messages may always be in flight, whatever their size (double buffering): the
         # next transfer is queued at rank 0 when the last ends, instead of starting only once
-        # this engine has seen it end (16 MiB zero-copy: 0.94-1.04x raw with one, 1.2-1.35x
-        # with more in flight, benchmarks/).
+        # this engine has seen it end (docs/benchmarks.md, wire `Outbox`).
         while len(self._pending) >= 2 and (
             self.outstanding_bytes + enc.nbytes > self.max_bytes
             or self.outstanding_count + enc.count > self.max_count
@@ -378,9 +377,8 @@ class Outbox:
             t0 = time.perf_counter()
             self._complete_oldest()
             self.waited_s += time.perf_counter() - t0
-        # (Header first. Tried: the buffers first, so that rank 0, having matched a header,
-        # never spins in Recv until this process runs again; 1 engine at 64 KiB fell from
-        # 0.89-1.01x raw to 0.54-0.66x, interleaved jobs.)
+        # (Header first. The buffers first, so that rank 0, having matched a header, never
+        # spins in Recv until this process runs again, measured slower: docs/benchmarks.md.)
         reqs = [self.comm.Isend([enc.header, MPI.BYTE], dest, tag_head)]
         for b in enc.buffers:
             if memoryview(b).nbytes <= MAX_PIECE:
@@ -403,13 +401,12 @@ class Outbox:
 
     def _complete_oldest(self) -> None:
         # Test and sleep instead of MPI_Waitall: a blocking MPICH wait spins a whole core,
-        # which on an oversubscribed node starves rank 0, the very receiver we wait for
-        # (measured with benchmarks/: 4 engines on 2 cores, small publications 3x faster).
+        # which on an oversubscribed node starves rank 0, the very receiver we wait for.
         # While the transfer may still be running (nbytes at ~5 GB/s, twice over) the sleep
-        # stays under a tenth of it, so a 16 MiB send is seen done ~0.3 ms late, not ~1 ms;
-        # or, when sends queued behind it keep rank 0 busy, under half the time they take:
-        # waking late then costs nothing, and fewer wake-ups leave the cores to rank 0 (a
-        # 1 MiB stream into the sink: the engines' CPU fell by about a quarter).
+        # stays under a tenth of it, so a large send is seen done soon after it is; or, when
+        # sends queued behind it keep rank 0 busy, under half the time they take: waking late
+        # then costs nothing, and fewer wake-ups leave the cores to rank 0 (docs/benchmarks.md,
+        # wire `Outbox`).
         reqs, nbytes = self._pending[0][0], self._pending[0][1]
         testall = self.MPI.Request.Testall
         if not testall(reqs):
