@@ -130,7 +130,7 @@ def raw_fan_in_h5py(p: dict) -> None:
     # (a): one reused receive buffer (h5py has copied a step into its chunk cache when the
     # write returns); (b) "ring": a ring of buffers as large as mpipub's default history
     ring = tasks._ring_of(a.nbytes) if p.get("recv") == "ring" else None
-    buf, k = np.ones(a.size, a.dtype), 0
+    buf, slot = np.ones(a.size, a.dtype), 0
     with h5py.File(p["path"], "w") as f:
         dss = [f.create_dataset(f"e{e}", shape=(0, a.size), maxshape=(None, a.size),
                                 dtype=a.dtype, chunks=(rows, a.size))
@@ -138,8 +138,8 @@ def raw_fan_in_h5py(p: dict) -> None:
         for _ in range(per * engines):
             msg = comm.mprobe(MPI.ANY_SOURCE, tasks.TAG, st)
             if ring is not None:
-                buf = ring[k]
-                k = k + 1 if k + 1 < len(ring) else 0
+                buf = ring[slot]
+                slot = slot + 1 if slot + 1 < len(ring) else 0
             msg.Recv([buf, MPI.BYTE])
             ds = dss[st.Get_source() - 1]
             k = ds.shape[0]
