@@ -7,6 +7,7 @@ own communicator), so baseline and mpipub run in the same job, with the same dis
 from __future__ import annotations
 
 import collections
+import inspect
 import os
 import random
 import time
@@ -121,17 +122,19 @@ def pub_keys(nsteps: int, nkeys: int) -> None:
 
 #: What rank 0 keeps by default for ``stream()`` (``Client(history_bytes=...)``): the size of
 #: baseline (b)'s ring of receive buffers.
-try:
-    from mpipub.client import HISTORY_BYTES
-except ImportError:  # (the module moved: keep the bench importable)
-    HISTORY_BYTES = 64 << 20
+def history_bytes() -> int:
+    """``Client``'s default ``history_bytes``, wherever the module that defines it lives
+    (looked up on rank 0 only: engine ranks never import the client side)."""
+    from mpipub import Client
+
+    return inspect.signature(Client).parameters["history_bytes"].default
 
 #: The three raw receivers rank 0 can run against the same senders (benchmarks/README.md):
 #: (a) ``reuse``, the fastest simple receiver: matched probe + ``Recv`` into one reused buffer
 #: (the ceiling for a receiver that keeps only the latest message; ``mprobe`` measured a little
 #: faster than a plain ``Recv(ANY_SOURCE)``: 16.4 vs 15.0 GB/s at 64 KiB, issue 17);
 #: (b) ``ring``, a receiver that keeps as many bytes as mpipub's default history: a ring of
-#: preallocated buffers totalling ``HISTORY_BYTES`` (at least two), each message into the next;
+#: preallocated buffers totalling ``history_bytes()`` (at least two), each message into the next;
 #: (c) ``fresh``, a new ``np.empty`` per message (information: from ~1 MiB that is fresh pages).
 RAW_RECEIVERS = ("reuse", "ring", "fresh")
 
@@ -143,7 +146,7 @@ def _ring_of(nbytes: int) -> list:
     ring = _ring.get(nbytes)
     if ring is None:
         _ring.clear()  # (one size at a time: the previous size's ring is memory freed)
-        k = max(2, HISTORY_BYTES // max(1, nbytes))
+        k = max(2, history_bytes() // max(1, nbytes))
         ring = _ring[nbytes] = [np.ones(max(1, nbytes // 8)) for _ in range(k)]
     return ring
 
