@@ -329,7 +329,7 @@ def test_backpressure_slow_writer(mpi_script, tmp_path):
     job = mpi_script(f"""
 import time, numpy as np
 from mpipub import Client, publish_data
-from mpipub.sink import Sink
+from mpipub.sink.writer import Sink
 
 def fast(n):
     a = np.zeros(2048)          # 16 KiB per step
@@ -436,7 +436,7 @@ c[:].apply_sync(img)
 
 
 def test_value_checker_unit():
-    from mpipub.layout import check_value, escape, unescape
+    from mpipub.sink.layout import check_value, escape, unescape
 
     for ok in (1, 2.0, True, 1j, "s", b"b", np.float32(1), np.zeros(3), np.array([b"x"]),
                {"a": {"b": np.ones(2)}}):
@@ -451,7 +451,7 @@ def test_value_checker_unit():
 
 
 def test_sink_options_rejected_early(tmp_path):
-    from mpipub.sink import Sink, SinkError
+    from mpipub.sink.writer import Sink, SinkError
 
     (tmp_path / "e.h5").write_bytes(b"keep")
     with pytest.raises(SinkError, match="already exists"):
