@@ -22,11 +22,11 @@ def test_bench_quick(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=mpi_env(), cwd=tmp_path, start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        pytest.fail(f"bench --quick did not finish in 120 s\n{stdout}\n{stderr}")
+        pytest.fail(f"bench --quick did not finish in 300 s\n{stdout}\n{stderr}")
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -49,9 +49,24 @@ def test_bench_quick(tmp_path):
             assert reps and all(isinstance(x, (int, float)) and x >= 0 for x in reps), r
         assert isinstance(r["ratio"], (int, float)) and r["ratio"] >= 0
         assert r["met"] is None or isinstance(r["met"], bool)
+    # throughput rows: ratio against raw (a) (one reused buffer), (b) (a ring as large as the
+    # default history) beside it, and row 1's (c) and raw + sender copy (issue 17)
+    for r in rows:
+        if r["row"] in ("1", "7", "8") and not r.get("pending"):
+            b = r["baselines"]
+            assert {"reuse", "ring"} <= set(b), r
+            assert r["baseline"]["median"] == b["reuse"]["median"], r
+            assert "1.0 of (b)" in r["floor"]
+            for k in b.values():
+                assert k["median"] > 0 and k["ratio"] == r["mpipub"]["median"] / k["median"]
+            if r["row"] == "1":
+                assert {"fresh", "rawcopy"} <= set(b), r
+            if r["row"] == "8":
+                assert 0 <= min(r["rank0_cpu"]["copy"]) and max(r["rank0_cpu"]["copy"]) < 4, r
     assert res["raw"], "the JSON keeps every job's raw repeats"
     png = (out / "latest.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     md = (out / "latest.md").read_text()
     assert "| # | what |" in md and md.count("\n|") >= len(rows) + 1
+    assert "| vs (b) | vs (c) | vs raw + copy |" in md
     assert "| # | what |" in stdout

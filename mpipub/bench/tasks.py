@@ -7,6 +7,7 @@ own communicator), so baseline and mpipub run in the same job, with the same dis
 from __future__ import annotations
 
 import collections
+import inspect
 import os
 import random
 import time
@@ -49,6 +50,11 @@ def wait_at_gate(params: dict) -> None:
         time.sleep(0.001)
 
 
+def _test_sleep(req) -> None:
+    while not req.Test():
+        time.sleep(20e-6)
+
+
 def window(nbytes: int) -> int:
     """Sends a raw sender keeps in flight: the engines' outbox bound (bytes and count, but
     always two messages, as wire.Outbox allows)."""
@@ -56,14 +62,35 @@ def window(nbytes: int) -> int:
 
 
 # -- row 1 / 8: streams of arrays -------------------------------------------------------------
-def raw_stream(nmsg: int, nbytes: int, polite: bool = False) -> None:
+_send_copies: dict = {}
+
+
+def raw_stream(nmsg: int, nbytes: int, polite: bool = False, copy: bool = False) -> None:
     """``Isend`` the same array ``nmsg`` times, at most ``window`` in flight. ``polite``: wait
     for a send by testing and sleeping, as mpipub's engines do, instead of ``MPI_Wait``
-    (which spins a core in MPICH)."""
+    (which spins a core in MPICH). ``copy``: copy the array into one of ``window``
+    preallocated send buffers first, as ``publish_data``'s copy semantics make mpipub do
+    (the same work as mpipub's engine: one copy per step, then the send)."""
     comm = MPI.COMM_WORLD
     a = array(nbytes)
     w = window(nbytes)
     reqs: collections.deque = collections.deque()
+    if copy:
+        bufs = _send_copies.get(nbytes)
+        if bufs is None:
+            _send_copies.clear()
+            bufs = _send_copies[nbytes] = [a.copy() for _ in range(w)]
+        k = 0
+        for _ in range(nmsg):
+            if len(reqs) >= w:
+                reqs.popleft().Wait() if not polite else _test_sleep(reqs.popleft())
+            b = bufs[k]
+            k = k + 1 if k + 1 < w else 0
+            np.copyto(b, a)
+            reqs.append(comm.Isend([b, MPI.BYTE], 0, TAG))
+        while reqs:
+            reqs.popleft().Wait()
+        return
 
     def wait(req) -> None:
         if polite:
@@ -93,16 +120,56 @@ def pub_keys(nsteps: int, nkeys: int) -> None:
         publish_data({k: float(step + i) for i, k in enumerate(names)})
 
 
-def raw_recv_arrays(total: int, last: dict | None = None) -> int:
-    """Rank 0: matched probe + Recv of ``total`` messages into fresh numpy arrays. ``last``,
-    when given, gets each sender's last arrival time (time.time())."""
+#: What rank 0 keeps by default for ``stream()`` (``Client(history_bytes=...)``): the size of
+#: baseline (b)'s ring of receive buffers.
+def history_bytes() -> int:
+    """``Client``'s default ``history_bytes``, wherever the module that defines it lives
+    (looked up on rank 0 only: engine ranks never import the client side)."""
+    from mpipub import Client
+
+    return inspect.signature(Client).parameters["history_bytes"].default
+
+#: The three raw receivers rank 0 can run against the same senders (benchmarks/README.md):
+#: (a) ``reuse``, the fastest simple receiver: matched probe + ``Recv`` into one reused buffer
+#: (the ceiling for a receiver that keeps only the latest message; ``mprobe`` measured a little
+#: faster than a plain ``Recv(ANY_SOURCE)``: 16.4 vs 15.0 GB/s at 64 KiB, issue 17);
+#: (b) ``ring``, a receiver that keeps as many bytes as mpipub's default history: a ring of
+#: preallocated buffers totalling ``history_bytes()`` (at least two), each message into the next;
+#: (c) ``fresh``, a new ``np.empty`` per message (information: from ~1 MiB that is fresh pages).
+RAW_RECEIVERS = ("reuse", "ring", "fresh")
+
+_ring: dict = {}
+
+
+def _ring_of(nbytes: int) -> list:
+    """Baseline (b)'s ring for ``nbytes`` messages, made once per size (pages touched)."""
+    ring = _ring.get(nbytes)
+    if ring is None:
+        _ring.clear()  # (one size at a time: the previous size's ring is memory freed)
+        k = max(2, history_bytes() // max(1, nbytes))
+        ring = _ring[nbytes] = [np.ones(max(1, nbytes // 8)) for _ in range(k)]
+    return ring
+
+
+def raw_recv(total: int, nbytes: int, how: str = "reuse", last: dict | None = None) -> int:
+    """Rank 0: matched probe + ``Recv`` of ``total`` messages of ``nbytes``, ``how`` one of
+    RAW_RECEIVERS. ``last``, when given, gets each sender's last arrival time (time.time())."""
     comm = MPI.COMM_WORLD
     st = MPI.Status()
     nb = 0
+    ring = _ring_of(nbytes) if how == "ring" else None
+    one = array(nbytes).copy() if how == "reuse" else None
+    k = 0
     for _ in range(total):
         msg = comm.mprobe(MPI.ANY_SOURCE, TAG, st)
         n = st.Get_count(MPI.BYTE)
-        buf = np.empty(n // 8, np.float64)
+        if ring is not None:
+            buf = ring[k]
+            k = k + 1 if k + 1 < len(ring) else 0
+        elif one is not None:
+            buf = one
+        else:
+            buf = np.empty(n // 8, np.float64)
         msg.Recv([buf, MPI.BYTE])
         nb += n
         if last is not None:

@@ -103,11 +103,12 @@ def h5py_baseline(path: str, nbytes: int, total: int) -> float:
 
 
 def raw_fan_in_h5py(p: dict) -> None:
-    """Row 7r (all ranks, no mpipub): the engines ``Isend`` the same arrays as row 1's raw
-    baseline (no copy, the same bound on sends in flight, waiting like mpipub's engines);
-    rank 0 receives each (matched probe + ``Recv`` into a fresh array) and appends it with
-    plain h5py, one dataset per engine, like ``h5py_baseline``. What a straightforward sink
-    that moves the data with MPI and writes it on rank 0 reaches on this machine."""
+    """Row 7's baseline (all ranks, no mpipub): the engines ``Isend`` the same arrays as row
+    1's raw baseline (no copy, the same bound on sends in flight, waiting like mpipub's
+    engines); rank 0 receives each (matched probe + ``Recv`` into one reused buffer, (a), or
+    into a ring as large as mpipub's history, (b), ``p["recv"] == "ring"``) and appends it with
+    plain h5py, one dataset per engine, like ``h5py_baseline``: the fastest simple program
+    that moves the data with MPI and writes every step on rank 0."""
     import h5py
     import numpy as np
     from mpi4py import MPI
@@ -126,13 +127,19 @@ def raw_fan_in_h5py(p: dict) -> None:
         return
     rows = max(1, min(per, (1 << 20) // a.nbytes))
     st = MPI.Status()
+    # (a): one reused receive buffer (h5py has copied a step into its chunk cache when the
+    # write returns); (b) "ring": a ring of buffers as large as mpipub's default history
+    ring = tasks._ring_of(a.nbytes) if p.get("recv") == "ring" else None
+    buf, slot = np.ones(a.size, a.dtype), 0
     with h5py.File(p["path"], "w") as f:
         dss = [f.create_dataset(f"e{e}", shape=(0, a.size), maxshape=(None, a.size),
                                 dtype=a.dtype, chunks=(rows, a.size))
                for e in range(1, engines + 1)]
         for _ in range(per * engines):
             msg = comm.mprobe(MPI.ANY_SOURCE, tasks.TAG, st)
-            buf = np.empty(a.size, a.dtype)
+            if ring is not None:
+                buf = ring[slot]
+                slot = slot + 1 if slot + 1 < len(ring) else 0
             msg.Recv([buf, MPI.BYTE])
             ds = dss[st.Get_source() - 1]
             k = ds.shape[0]

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -43,6 +44,10 @@ def stream_case(c, nbytes: int, total: int, modes: list, repeats: int) -> dict:
     """Throughput (bytes/s reaching rank 0) for each mode; modes rotate between repeats."""
     view, n, per, total = _share(c, total)
     spread: dict = {m: [] for m in modes}  # per run: slowest engine's throughput / fastest's
+    cpu: dict = {m: [] for m in modes}  # per run: rank 0's CPU seconds / wall seconds
+    # More ranks than cores: raw senders wait by testing and sleeping, as mpipub's engines do
+    # (an MPI_Wait spins a core in MPICH and starves rank 0: the faster raw program)
+    polite = n + 1 > (os.cpu_count() or 1)
 
     def note_spread(mode, t0, last: dict) -> None:
         # every engine sends the same bytes, so the ratio of throughputs is that of the times
@@ -52,10 +57,13 @@ def stream_case(c, nbytes: int, total: int, modes: list, repeats: int) -> dict:
 
     def run(mode):
         t0 = time.time()
-        if mode == "raw":
+        c0 = time.process_time()
+        if mode in tasks.RAW_RECEIVERS or mode == "rawcopy":
+            # (a) reuse, (b) ring, (c) fresh; rawcopy: (a)'s receiver, and a sender that
+            # copies each step into a preallocated buffer first, as publish_data does
             last: dict = {}
-            ar = view.apply_async(tasks.raw_stream, per, nbytes)
-            got = tasks.raw_recv_arrays(total, last)
+            ar = view.apply_async(tasks.raw_stream, per, nbytes, polite, mode == "rawcopy")
+            got = tasks.raw_recv(total, nbytes, "reuse" if mode == "rawcopy" else mode, last)
             ar.get()
             assert got == total * tasks.array(nbytes).nbytes
             note_spread(mode, t0, last)
@@ -70,11 +78,14 @@ def stream_case(c, nbytes: int, total: int, modes: list, repeats: int) -> dict:
             assert pubs == total, (pubs, total)
             assert ar.data[0]["a"].nbytes == tasks.array(nbytes).nbytes
             note_spread(mode, t0, {e: s.last_time for e, s in stats.items()})
+        # rank 0's share of a core (all its threads) while the run lasted: the fan-in's cost
+        cpu[mode].append((time.process_time() - c0) / max(1e-9, time.time() - t0))
 
     nb = total * tasks.array(nbytes).nbytes
     reps = _interleaved(run, modes, repeats, nb)
     return {"nbytes": nbytes, "engines": n, "messages": total, "bytes": nb, "unit": "B/s",
-            "repeats": reps, "spread": {m: v[1:] for m, v in spread.items() if v}}
+            "repeats": reps, "spread": {m: v[1:] for m, v in spread.items() if v},
+            "rank0_cpu": {m: v[1:] for m, v in cpu.items() if v}}
 
 
 def small_case(c, kind: str, total: int, repeats: int) -> dict:
@@ -110,7 +121,7 @@ def main() -> None:
     t0 = time.time()
     for nbytes, total in params.get("stream", []):
         out["stream"].append(stream_case(c, nbytes, total, params["modes"], params["repeats"]))
-    out["inline"] = [stream_case(c, nbytes, total, ["raw", "inline", "split"], params["repeats"])
+    out["inline"] = [stream_case(c, nbytes, total, ["inline", "split"], params["repeats"])
                      for nbytes, total in params.get("inline", [])]
     for kind, total in params.get("small", []):
         out["small"].append(small_case(c, kind, total, params["repeats"]))
