@@ -221,6 +221,7 @@ class Sink:
         self._last = ""  # the last rows written, named in a flush error
         self._gen = 0  # bumped when the file is reopened (low-level ids change)
         self._batches = 0  # batches written (see _keep_open)
+        self._restructuring = False  # the file is open outside SWMR mode (see _restructure)
         global _write_chunk
         if _write_chunk is _write_chunk_h5py:
             _write_chunk = _gil_free_chunk_writer() or _write_chunk_h5py
@@ -406,8 +407,12 @@ class Sink:
             self._fail(exc)
 
     def _fail(self, exc: BaseException) -> None:
+        hint = ""
+        if self._restructuring:  # outside SWMR mode: the file keeps a writer's plain flags
+            hint = (f"; it failed while creating datasets, outside SWMR mode: "
+                    f"`h5clear -s {self.path}` makes what was flushed before readable")
         self.error = SinkError(f"writing sink file {self.path} failed{self._where}: "
-                               f"{type(exc).__name__}: {exc}")
+                               f"{type(exc).__name__}: {exc}{hint}")
         sys.stderr.write(f"mpipub: {self.error}; later publications are not stored, data "
                          "flushed before stays readable\n")
         sys.stderr.flush()
@@ -653,6 +658,7 @@ class Sink:
         self.f.close()
         self._gen += 1
         self.f = f = h5py.File(self.path, "r+", **_FILE_KW)
+        self._restructuring = True
         index: dict = collections.defaultdict(list)  # engine group -> its new index rows
         for c in creates:
             if c[0] == "task":
@@ -687,6 +693,7 @@ class Sink:
             e.nindex += len(lst)
         f.flush()
         f.swmr_mode = True
+        self._restructuring = False
 
     def _create(self, s: _Series, sig: tuple) -> None:
         """Create the datasets of series ``s`` (with ``s.init``'s rows, else empty). The
