@@ -53,6 +53,13 @@ class _Leaf:
         return _DamagedRead(f"{self._f.filename}: damaged: cannot read {self.ds}: "
                              f"{' '.join(str(msg).split())}")
 
+    def dataset(self) -> h5py.Dataset:
+        """Its h5py dataset (a ``SinkFileError`` naming it where HDF5 cannot open it)."""
+        try:
+            return self._f[self.ds]
+        except (OSError, KeyError) as exc:
+            raise self._damaged(exc) from None
+
     def steps(self) -> np.ndarray:
         if self._steps is None:
             try:
