@@ -118,6 +118,7 @@ class EngineData:
         self.received = np.asarray(g["received"][:n])
         self.leaves: dict[tuple, list[_Leaf]] = {}
         self._keys: list[str] | None = None  # (a snapshot: refresh() makes new objects)
+        self._by_top: dict | None = None
         if fmt >= 2:
             if "index" in g:
                 self._read_index(g["index"], group)
@@ -165,7 +166,14 @@ class EngineData:
         return sorted(first, key=lambda k: first[k])  # stable: file (creation) order
 
     def _under(self, key: tuple):
-        return [(p, lf) for p, lfs in self.leaves.items() if p[: len(key)] == key for lf in lfs]
+        if not key:
+            return [(p, lf) for p, lfs in self.leaves.items() for lf in lfs]
+        if self._by_top is None:  # leaves by top-level key: a lookup is not a scan of all
+            self._by_top = {}
+            for p, lfs in self.leaves.items():
+                self._by_top.setdefault(p[0], []).append((p, lfs))
+        return [(p, lf) for p, lfs in self._by_top.get(key[0], ()) if p[: len(key)] == key
+                for lf in lfs]
 
     def value_at(self, key: tuple, step: int):
         """Value of ``key`` published at ``step``, or KeyError."""
