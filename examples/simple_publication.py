@@ -21,7 +21,7 @@ def simple_publication(steps, interval):
     """Simple publication function: publishes a number every interval."""
     import time
 
-    from mpipub.datapub import publish_data
+    from mpipub import publish_data
 
     for i in range(steps):
         publish_data(dict(i=i))

@@ -11,14 +11,15 @@ __version__ = "0.1.0"
 # that never reads a sink file never imports h5py (import time is most of an empty job's
 # start-up when several ranks share a small node).
 _WHERE = {
-    "AsyncMapResult": "asyncresult", "AsyncResult": "asyncresult", "EngineStats": "asyncresult",
-    "Publication": "asyncresult", "Client": "client", "DirectView": "client",
-    "engine_comm": "datapub", "publish_data": "datapub", "CompositeError": "errors",
-    "ConfigError": "errors",
-    "LaunchError": "errors", "MpipubError": "errors", "PublishError": "errors",
-    "RemoteError": "errors", "TaskAborted": "errors", "TaskNotSendable": "errors",
-    "SinkError": "errors", "SinkFileError": "errors", "open": "reader", "Run": "reader",
-    "Reference": "namespace",
+    "AsyncMapResult": "client.asyncresult", "AsyncResult": "client.asyncresult",
+    "EngineStats": "client.asyncresult", "Publication": "client.asyncresult",
+    "Client": "client.client", "DirectView": "client.client",
+    "engine_comm": "engine.datapub", "publish_data": "engine.datapub",
+    "Reference": "engine.namespace", "open": "sink.reader", "Run": "sink.reader",
+    "CompositeError": "errors", "ConfigError": "errors", "LaunchError": "errors",
+    "MpipubError": "errors", "PublishError": "errors", "RemoteError": "errors",
+    "TaskAborted": "errors", "TaskNotSendable": "errors", "SinkError": "errors",
+    "SinkFileError": "errors",
 }
 
 
@@ -50,9 +51,10 @@ def __dir__():
 
 TYPE_CHECKING = False  # (no typing import at start-up)
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from .asyncresult import AsyncMapResult, AsyncResult, EngineStats, Publication
-    from .client import Client, DirectView
-    from .datapub import engine_comm, publish_data
+    from .client.asyncresult import AsyncMapResult, AsyncResult, EngineStats, Publication
+    from .client.client import Client, DirectView
+    from .engine.datapub import engine_comm, publish_data
+    from .engine.namespace import Reference
     from .errors import (
         CompositeError,
         ConfigError,
@@ -65,9 +67,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         TaskAborted,
         TaskNotSendable,
     )
-    from .namespace import Reference
-    from .reader import Run
-    from .reader import open as open  # (mpipub.open; not in __all__)
+    from .sink.reader import Run
+    from .sink.reader import open as open  # (mpipub.open; not in __all__)
 
 # Every name of _WHERE but ``open`` (it would shadow the builtin in ``from mpipub import *``;
 # ``mpipub.open`` stays). tests/test_api.py checks the two lists agree.

@@ -25,7 +25,8 @@ def _parser(sink_commands: bool = True) -> argparse.ArgumentParser:
     r.add_argument("script")
     r.add_argument("args", nargs=argparse.REMAINDER)
     if sink_commands:  # not needed to start a run (start-up time counts on every rank)
-        from . import jobscript, sinkcli
+        from . import jobscript
+        from .sink import sinkcli
 
         jobscript.add_command(sub)
         sinkcli.add_commands(sub)
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser(sink_commands=argv[:1] != ["run"]).parse_args(argv)
     if args.command == "run":
-        from .ending import install_signal_handlers
+        from .client.ending import install_signal_handlers
         from .runner import run_script
 
         # at once: SLURM's time-limit warning (SIGUSR1) may come before Client() is made,

@@ -124,8 +124,8 @@ class _RunSource:
 
 
 def _adapt(source):
-    from .asyncresult import AsyncResult
-    from .reader import Run
+    from .client.asyncresult import AsyncResult
+    from .sink.reader import Run
 
     if isinstance(source, AsyncResult):
         return _TaskSource(source)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import comm as _comm
+from .transport import comm as _comm
 
 
 def run_script(script: str, args: list[str], sink: str | None = None,
@@ -17,13 +17,13 @@ def run_script(script: str, args: list[str], sink: str | None = None,
     """Run ``script`` on rank 0 with engines on the other ranks; return its exit status."""
     world = _comm.world()
     if world.rank != _comm.CLIENT_RANK:
-        from .engine import serve_and_exit  # engines never import the client side
+        from .engine.loop import serve_and_exit  # engines never import the client side
 
         serve_and_exit(world)
     import runpy
     import traceback
 
-    from . import client as _client
+    from .client import client as _client
 
     if not os.path.isfile(script):
         sys.stderr.write(f"mpipub run: no such script: {script}\n")

@@ -210,7 +210,7 @@ def test_data_keeps_every_key_when_nobody_reads_it_and_history_wraps(mpi_script)
         import warnings
         import numpy as np
         from mpipub import Client
-        from mpipub.asyncresult import MERGE_AFTER
+        from mpipub.client.asyncresult import MERGE_AFTER
         c = Client(history_bytes=2 << 20)
         def produce(n):
             import numpy as np
@@ -312,7 +312,7 @@ def test_publish_copies_so_in_place_updates_arrive_as_they_were(mpi_script, n):
 
 
 def test_every_value_kind_arrives_exactly_when_publications_coalesce(mpi_script):
-    # Fast publications travel many to a message (mpipub.packing): arrays of every layout and
+    # Fast publications travel many to a message (transport/packing.py): arrays of every layout and
     # dtype are rebuilt from raw bytes, other values pickled; each step must arrive as it was.
     job = mpi_script("""
         import numpy as np
@@ -381,7 +381,7 @@ def test_outstanding_sends_are_bounded_and_producer_waits(mpi_script):
         def produce(steps):
             import numpy as np
             from mpipub import publish_data
-            from mpipub.engine import current_engine
+            from mpipub.engine.loop import current_engine
             ob = current_engine().sender.outbox
             a = np.ones(1 << 17)   # 1 MiB
             peak = 0

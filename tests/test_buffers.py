@@ -11,7 +11,7 @@ import weakref
 
 import numpy as np
 
-from mpipub import wire
+from mpipub.transport import wire
 
 
 def _span(a: np.ndarray) -> tuple[int, int]:

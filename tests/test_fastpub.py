@@ -1,4 +1,4 @@
-"""The C publish path (mpipub/_fastpub.c) packs exactly what packing.Batch.add packs, and
+"""The C publish path (mpipub/engine/_fastpub.c) packs exactly what Batch.add packs, and
 leaves everything it does not handle to the Python path, with nothing changed.
 
 The first tests drive it in this process (no MPI: they check packing, byte for byte); the
@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from conftest import ok
-from mpipub import packing, sender, wire
+from mpipub.engine import batch, sender
+from mpipub.transport import packing, wire
 
-fastpub = packing.fastpub
-needs_c = pytest.mark.skipif(fastpub is None, reason="mpipub._fastpub is not built here")
+fastpub = batch.fastpub
+needs_c = pytest.mark.skipif(fastpub is None, reason="mpipub.engine._fastpub is not built here")
 
 
 class _Sub(np.ndarray):
@@ -47,9 +48,9 @@ class _Sender(fastpub.SenderBase if fastpub is not None else object):  # type: i
         self.wake = threading.Lock()
         self.wake.acquire()
         self.batch = None
-        self.batch_type = packing.Batch
+        self.batch_type = batch.Batch
         self.sealed = []
-        self.ready_slab = self.pool.take(packing.SLAB_BYTES)
+        self.ready_slab = self.pool.take(batch.SLAB_BYTES)
         self.task_id = 7
         self.error = None
         self._lock_acquire, self._lock_release = self.lock.acquire, self.lock.release
@@ -67,7 +68,7 @@ class _Sender(fastpub.SenderBase if fastpub is not None else object):  # type: i
     def python_add(self, data):
         """What the Python path does with a publication (sender.Sender.publish)."""
         if self.batch is None:
-            self.batch = packing.Batch(self.task_id, self.pool)
+            self.batch = batch.Batch(self.task_id, self.pool)
         self.batch.add(self.step, time.time(), data, True)
         self.step += 1
 
@@ -99,14 +100,14 @@ def _assert_same(fast, ref):
 
 PLAIN = [
     # an array too big for a slab gets its own buffer, in dict order (buffer indices match)
-    {"own": np.arange(packing.SLAB_ITEM_MAX // 8 + 1.0), "a": np.arange(20.0), "i": 0},
+    {"own": np.arange(batch.SLAB_ITEM_MAX // 8 + 1.0), "a": np.arange(20.0), "i": 0},
     {"x": np.arange(12, dtype=np.int8).reshape(3, 4), "s": "text", "b": b"\x00\x01",
      "n": None, "flag": True, "c": 1 + 2j, "f": 0.5},
     {"f32": np.ones((2, 3, 4), np.float32), "u2": np.arange(5, dtype=np.uint16)},
     {"odd": np.array([True, False, True]), "after": np.arange(3, dtype=np.int64)},  # alignment
     {"zero_d": np.array(3.5)},
     {},
-    {"full": np.ones(packing.SLAB_ITEM_MAX // 8)},  # the largest array a slab takes
+    {"full": np.ones(batch.SLAB_ITEM_MAX // 8)},  # the largest array a slab takes
     {"MiB": np.arange(1 << 17, dtype=np.int64), "after": np.ones(2)},
 ]
 
@@ -114,7 +115,7 @@ PLAIN = [
 @needs_c
 def test_plain_publications_are_packed_exactly_as_the_python_path_packs_them(configured):
     s, ref_pool = _Sender(), wire.BufferPool()
-    ref = packing.Batch(7, ref_pool)
+    ref = batch.Batch(7, ref_pool)
     for step, data in enumerate(PLAIN):
         ref.add(step, time.time(), data, True)  # (also caches each dtype as plain)
         assert s.fast_publish(data) is True, data
@@ -145,7 +146,7 @@ NOT_PLAIN = {
 def test_what_the_c_path_does_not_handle_is_left_to_python_untouched(configured, what):
     s = _Sender()
     for data in NOT_PLAIN.values():  # every dtype seen once (the dtype cache is Python's)
-        b = packing.Batch(1, wire.BufferPool())
+        b = batch.Batch(1, wire.BufferPool())
         try:
             b.add(0, 0.0, data, True)
         except Exception:  # noqa: BLE001
@@ -162,7 +163,7 @@ def test_what_the_c_path_does_not_handle_is_left_to_python_untouched(configured,
 def test_the_c_path_steps_aside_when_it_must(configured):
     s = _Sender()
     a = np.ones(100)
-    packing.Batch(1, wire.BufferPool()).add(0, 0.0, {"a": a}, True)
+    batch.Batch(1, wire.BufferPool()).add(0, 0.0, {"a": a}, True)
     before = s.state()
     with s.lock:  # the flusher holds the lock: the Python path waits for it
         assert s.fast_publish({"a": a}) is False
@@ -173,7 +174,7 @@ def test_the_c_path_steps_aside_when_it_must(configured):
     s.error, s.next_abort_poll = None, 0.0  # an abort poll is due (Python reads aborts)
     assert s.fast_publish({"a": a}) is False
     s.next_abort_poll = math.inf  # copy=False from ZERO_COPY_MIN: sent from the array itself
-    big = np.ones(packing.ZERO_COPY_MIN // 8)
+    big = np.ones(batch.ZERO_COPY_MIN // 8)
     assert s.fast_publish({"big": big}, False) is False
     s.ready_slab = None  # no slab to open a batch with
     assert s.fast_publish({"a": a}) is False
@@ -185,7 +186,7 @@ def test_the_c_path_steps_aside_when_it_must(configured):
     half = big[:len(big) // 2]
     assert s.fast_publish({"half": half}, False) is True  # copied, below ZERO_COPY_MIN
     s.sealed = []
-    b = packing.Batch(7, s.pool)
+    b = batch.Batch(7, s.pool)
     b.add(0, 0.0, {"half": half}, False)
     assert not np.shares_memory(b._bufs[0], half)  # as the Python path does
 
@@ -200,7 +201,8 @@ def test_publish_data_is_the_c_path_first_and_the_python_function_for_the_rest(c
 
     import cloudpickle
 
-    from mpipub import datapub, publish_data
+    from mpipub import publish_data
+    from mpipub.engine import datapub
 
     assert isinstance(publish_data, fastpub.Publisher) and publish_data is datapub.publish_data
     py = publish_data.fallback
@@ -213,7 +215,7 @@ def test_publish_data_is_the_c_path_first_and_the_python_function_for_the_rest(c
     pub = fastpub.Publisher(lambda *a, **kw: calls.append((a, kw)) or "python")
     s = _Sender()
     a = np.ones(100)
-    packing.Batch(1, wire.BufferPool()).add(0, 0.0, {"a": a}, True)  # (dtype cache)
+    batch.Batch(1, wire.BufferPool()).add(0, 0.0, {"a": a}, True)  # (dtype cache)
     assert pub({"a": a}) == "python" and s.step == 0  # no current sender: Python's
     assert calls == [(({"a": a},), {})]
     calls.clear()
@@ -222,7 +224,7 @@ def test_publish_data_is_the_c_path_first_and_the_python_function_for_the_rest(c
         assert fastpub.current() is s
         assert pub({"a": a}) is None and pub({"a": a}, copy=True) is None
         assert s.step == 2 and len(s.batch.pubs) == 2 and not calls  # taken by C
-        big = np.ones(packing.ZERO_COPY_MIN // 8)
+        big = np.ones(batch.ZERO_COPY_MIN // 8)
         for args, kw in [(({"a": [1]},), {}),  # not plain
                          (({"big": big},), {"copy": False}),  # zero-copy is Python's
                          (({"a": a},), {"copy": True, "other": 1}),  # Python's TypeError
@@ -239,9 +241,9 @@ def test_publish_data_is_the_c_path_first_and_the_python_function_for_the_rest(c
 
 @needs_c
 def test_c_and_python_publications_share_one_batch_and_slab(configured):
-    s, ref = _Sender(), packing.Batch(7, wire.BufferPool())
+    s, ref = _Sender(), batch.Batch(7, wire.BufferPool())
     # four arrays fill a slab (with their padding) but not a batch (BATCH_BYTES)
-    quarter = np.arange(packing.SLAB_ITEM_MAX // 8 - 1, dtype=np.float64)
+    quarter = np.arange(batch.SLAB_ITEM_MAX // 8 - 1, dtype=np.float64)
     for k in range(6):
         ref.add(k, 0.0, {"a": quarter + k}, True)
         if s.fast_publish({"a": quarter + k}) is False:
@@ -292,11 +294,11 @@ SINK_VALUES = [
 @needs_c
 @pytest.mark.parametrize("value", SINK_VALUES, ids=repr)
 def test_with_a_sink_the_c_path_takes_only_what_the_sink_accepts(configured, value):
-    from mpipub import layout
+    from mpipub.sink import layout
 
     s = _Sender()
     s.sink_checks = True
-    packing.Batch(1, wire.BufferPool()).add(0, 0.0, {"v": value}, True)  # (dtype cache)
+    batch.Batch(1, wire.BufferPool()).add(0, 0.0, {"v": value}, True)  # (dtype cache)
     before = s.state()
     taken = s.fast_publish({"v": value})
     if layout.check_value("v", value) is not None:
@@ -315,7 +317,8 @@ def test_engines_publish_the_same_with_and_without_the_c_path(mpi_script, pure):
         def mixed(steps):
             import time
             import numpy as np
-            from mpipub import engine, publish_data
+            from mpipub.engine import loop as engine
+            from mpipub import publish_data
             a = np.zeros(1000)
             m = np.zeros((3, 4), np.int16)
             fast_seen = False
@@ -367,7 +370,8 @@ def test_a_sink_gets_every_step_through_the_c_path_and_refusals_stay_exact(mpi_s
         c = Client(sink={str(sink)!r})
         def steps(n):
             import numpy as np
-            from mpipub import engine, publish_data
+            from mpipub.engine import loop as engine
+            from mpipub import publish_data
             a = np.zeros(1000)
             for i in range(n):
                 a[:] = i

@@ -56,7 +56,7 @@ def test_one_probe_after_a_pause_sees_a_message_that_is_already_there(mpi_script
     job = mpi_script("""
         import time
         from mpi4py import MPI
-        from mpipub import wire
+        from mpipub.transport import wire
 
         comm = MPI.COMM_WORLD.Dup()
         status = MPI.Status()

@@ -337,7 +337,7 @@ def test_backpressure_slow_writer(mpi_script, tmp_path):
     job = mpi_script(f"""
 import time, numpy as np
 from mpipub import Client, publish_data
-from mpipub.sink import Sink
+from mpipub.sink.writer import Sink
 
 def fast(n):
     a = np.zeros(2048)          # 16 KiB per step
@@ -450,7 +450,7 @@ def test_dense_and_sparse_datasets_read_back_exactly(tmp_path):
     import types
 
     import mpipub
-    from mpipub.sink import Sink
+    from mpipub.sink.writer import Sink
 
     path = tmp_path / "dense.h5"
     rec = types.SimpleNamespace(task_id=1, label="t", submitted=time.time(), engines=[1, 2],
@@ -532,7 +532,7 @@ def test_format_1_files_are_still_read_and_newer_ones_refused(tmp_path):
 
 
 def test_value_checker_unit():
-    from mpipub.layout import check_value, escape, unescape
+    from mpipub.sink.layout import check_value, escape, unescape
 
     for ok in (1, 2.0, True, 1j, "s", b"b", np.float32(1), np.zeros(3), np.array([b"x"]),
                {"a": {"b": np.ones(2)}}):
@@ -547,7 +547,7 @@ def test_value_checker_unit():
 
 
 def test_sink_options_rejected_early(tmp_path):
-    from mpipub.sink import Sink, SinkError
+    from mpipub.sink.writer import Sink, SinkError
 
     (tmp_path / "e.h5").write_bytes(b"keep")
     with pytest.raises(SinkError, match="already exists"):

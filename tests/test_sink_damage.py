@@ -302,8 +302,8 @@ def test_a_disk_that_fills_in_the_batch_of_an_engines_first_data_keeps_its_first
     data: engine 1 publishes 40 steps of 512 KiB at once while engine 2 holds the task's
     first batch open (the writer waits up to 0.2 s for every engine's first data, and engine
     2 publishes nothing). A batch that creates datasets takes at most 1 MiB of each engine
-    before its flush (sink.HEAD_BYTES), so engine 1's first steps are on disk before its
-    later ones fill it; the error names the file and the reason. (Before: the whole batch
+    before its flush (mpipub.sink.writer.HEAD_BYTES), so engine 1's first steps are on disk
+    before its later ones fill it; the error names the file and the reason. (Before: the whole batch
     failed before its flush, and engine 1 had 0 steps in the file.)"""
     sink = tmp_path / "full-early.h5"
     job = mpi_script(f"""

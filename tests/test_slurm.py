@@ -226,7 +226,7 @@ def _wait_live_steps(path: Path, n: int, job: str, jobs: Jobs, timeout: float) -
     """Read the sink with mpipub.open while the job writes it, until every engine has n steps;
     returns the fewest steps an engine had then."""
     import mpipub
-    from mpipub.reader import SinkFileError
+    from mpipub.sink.reader import SinkFileError
 
     deadline = time.monotonic() + timeout
     seen = 0

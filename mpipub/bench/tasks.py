@@ -14,8 +14,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from mpipub import engine as _engine
 from mpipub import publish_data
+from mpipub.engine import loop as _engine
 
 TAG = 77  # raw baseline traffic, on COMM_WORLD
 
@@ -223,8 +223,8 @@ def pub_stream_limit(nmsg: int, nbytes: int, inline: bool) -> None:
     """One publication per message (the batch is posted after every call, as when an engine
     publishes now and then), with every message's payload forced inline (one MPI message)
     or split (header + raw buffer): where one message stops paying (wire.INLINE_LIMIT)."""
-    from mpipub import wire
-    from mpipub.engine import current_engine
+    from mpipub.engine.loop import current_engine
+    from mpipub.transport import wire
 
     sender = current_engine().sender
     a = array(nbytes)

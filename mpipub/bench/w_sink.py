@@ -153,7 +153,7 @@ def writer_alone(path: str, nbytes: int, total: int, engines: int = 4) -> float:
     closing the file. Tells the sink's own cost from what sharing the cores costs."""
     import types
 
-    from mpipub.sink import Sink
+    from mpipub.sink.writer import Sink
 
     a = tasks.array(nbytes)
     rec = types.SimpleNamespace(task_id=1, label="bench", submitted=time.time(),

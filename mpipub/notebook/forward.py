@@ -42,7 +42,7 @@ class CellOutput:
 
 def running_tasks() -> list:
     """Task records of the kernel's client still running on some engine."""
-    from mpipub import client as _client
+    from mpipub.client import client as _client
 
     rt = _client._runtime
     if rt is None:

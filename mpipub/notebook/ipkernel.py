@@ -18,8 +18,8 @@ import threading
 from ipykernel.ipkernel import IPythonKernel
 from ipykernel.kernelapp import IPKernelApp
 
-from mpipub import client as _client
-from mpipub import comm as _comm
+from mpipub.client import client as _client
+from mpipub.transport import comm as _comm
 
 #: How long shutdown waits for busy engines before it ends the job (jupyter_client sends
 #: SIGTERM after half its shutdown_wait_time, 2.5 s by default).

@@ -33,12 +33,12 @@ def _exit_with_launcher() -> None:
 
 
 def main() -> None:
-    from mpipub import comm
+    from mpipub.transport import comm
 
     _exit_with_launcher()
     world = comm.world()
     if world.rank != comm.CLIENT_RANK:
-        from mpipub.engine import serve_and_exit
+        from mpipub.engine.loop import serve_and_exit
 
         serve_and_exit(world)
     from .ipkernel import run

@@ -87,7 +87,7 @@ class PxMagics(Magics):
     @line_cell_magic
     def px(self, line: str, cell: str | None = None):
         """Run code on the engines: ``%px CODE`` or ``%%px [--targets 1,3] [--noblock]``."""
-        from mpipub import client as _client
+        from mpipub.client import client as _client
 
         try:
             opts, code = parse_options(line)

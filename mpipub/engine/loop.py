@@ -20,10 +20,11 @@ import time
 import types
 import weakref
 
-from . import config, wire
-from .comm import CLIENT_RANK, TAG_CBUF, TAG_CTRL, World
-from .errors import MpipubError, TaskAborted
-from .polling import Backoff
+from .. import config
+from ..errors import MpipubError, TaskAborted
+from ..transport import wire
+from ..transport.comm import CLIENT_RANK, TAG_CBUF, TAG_CTRL, World
+from ..transport.polling import Backoff
 from .sender import Sender
 
 #: Idle polling: first sleep, growth factor and longest sleep (seconds). The longest sleep
@@ -57,7 +58,7 @@ _current: Engine | None = None
 def fast_path_on() -> bool:
     """Whether publish_data takes the C path now (sender.Sender.start_fast_path): during a
     task, once numpy is imported, where _fastpub is built and can take the task's data."""
-    from .packing import fastpub
+    from .batch import fastpub
 
     return fastpub is not None and fastpub.current() is not None
 
@@ -183,7 +184,7 @@ class Engine:
     # -- sending ------------------------------------------------------------------------------
     def publish(self, data, copy: bool) -> None:
         """One publish_data call: read aborts now and then, then hand ``data`` to the sender.
-        Raises packing.ValueNotSendable for a value that cannot be serialised."""
+        Raises batch.ValueNotSendable for a value that cannot be serialised."""
         sender = self.sender
         t = time.time()
         if t >= sender.next_abort_poll:

@@ -1,4 +1,4 @@
-/* mpipub._fastpub: publish_data's common case in C (optional; mpipub works without it).
+/* mpipub.engine._fastpub: publish_data's common case in C (optional; mpipub works without it).
  *
  * Why: a 64 KiB publish_data in Python cost 2.4-4.7x a numpy.copyto of the same array
  * (benchmarks/, row 3), nearly all of it interpreter work around the one memcpy. Here the
@@ -103,7 +103,7 @@ static PyMemberDef batch_members[] = {
 
 static PyTypeObject BatchBase_Type = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "mpipub._fastpub.BatchBase",
+    .tp_name = "mpipub.engine._fastpub.BatchBase",
     .tp_doc = "The fields of packing.Batch, shared with the C publish path.",
     .tp_basicsize = sizeof(BatchBase),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
@@ -504,7 +504,7 @@ static PyMemberDef sender_members[] = {
 
 static PyTypeObject SenderBase_Type = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "mpipub._fastpub.SenderBase",
+    .tp_name = "mpipub.engine._fastpub.SenderBase",
     .tp_doc = "The fields of sender.Sender that the C publish path reads and writes.",
     .tp_basicsize = sizeof(SenderBase),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
@@ -615,7 +615,7 @@ static PyGetSetDef publisher_getset[] = {
 
 static PyTypeObject Publisher_Type = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "mpipub._fastpub.Publisher",
+    .tp_name = "mpipub.engine._fastpub.Publisher",
     .tp_doc = "Publisher(fallback): publish_data with its common case in C (see _fastpub.c).",
     .tp_basicsize = sizeof(Publisher),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
@@ -680,7 +680,7 @@ static PyMethodDef module_methods[] = {
     {NULL}};
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "mpipub._fastpub",
+    PyModuleDef_HEAD_INIT, "mpipub.engine._fastpub",
     "publish_data's common case in C (see _fastpub.c).", -1, module_methods};
 
 PyMODINIT_FUNC PyInit__fastpub(void) {

@@ -13,9 +13,10 @@ import threading
 import traceback
 from typing import Callable
 
-from . import config, wire
-from .comm import TAG_BUF, TAG_MSG, World
-from .polling import Backoff
+from .. import config
+from ..transport import wire
+from ..transport.comm import TAG_BUF, TAG_MSG, World
+from ..transport.polling import Backoff
 
 #: Idle polling on rank 0; the longest sleep bounds how stale ``ar.data`` can be.
 POLL_MIN_S = 20e-6

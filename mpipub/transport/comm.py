@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import LaunchError
+from ..errors import LaunchError
 
 # Tags on the runtime communicator.
 TAG_MSG = 11  # engine -> client: one header (or a whole small message)

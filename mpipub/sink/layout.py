@@ -1,4 +1,4 @@
-"""The on-disk layout of an mpipub sink file, shared by the writer (``sink.py``) and the reader
+"""The on-disk layout of an mpipub sink file, shared by the writer (``writer.py``) and the reader
 (``reader.py``), and the value checker engines run when a sink is on.
 
 Layout (format version 2; see docs/sink.md)::

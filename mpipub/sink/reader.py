@@ -1,6 +1,6 @@
 """Reading sink files: ``mpipub.open(path)`` -> ``Run``. Works on a finished file and on one
 being written (``refresh()`` picks up what was written since). Nothing is unpickled: values
-are rebuilt from datasets and their ``kind`` attribute (see ``mpipub.layout``).
+are rebuilt from datasets and their kind (see ``mpipub.sink.layout``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ..errors import SinkFileError
 from . import layout as L
-from .errors import SinkFileError
 from .h5file import FLAG_SWMR_WRITE, open_swmr, superblock
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import builtins
 
-from .engine import current_engine
+from .loop import current_engine
 
 
 class Reference:

@@ -19,7 +19,7 @@ shape or dtype) the writer flushes, reopens the file normally, creates them, and
 again. Readers (``mpipub.open``) reopen the file on ``refresh()``, so they see
 new objects; plain h5py readers see new steps with ``Dataset.refresh()``.
 
-The layout is described in ``mpipub.layout`` and docs/sink.md.
+The layout is described in ``mpipub.sink.layout`` and docs/sink.md.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import h5py
 import numpy as np
 from h5py import h5d, h5s
 
+from ..errors import SinkError
 from . import layout as L
-from .errors import SinkError
 
 _END = object()
 

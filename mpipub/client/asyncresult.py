@@ -18,8 +18,8 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from .errors import CompositeError, MpipubError, RemoteError
-from .packing import latest, unpack
+from ..errors import CompositeError, MpipubError, RemoteError
+from ..transport.packing import latest, unpack
 
 #: ``AsyncResult.wait(return_when=...)``: the same strings as ``concurrent.futures``' constants,
 #: so ``concurrent.futures.FIRST_EXCEPTION`` works as well.

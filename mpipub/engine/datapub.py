@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from threading import get_ident
 from typing import Any
 
-from . import comm as _comm
-from . import engine as _engine
-from .comm import CLIENT_RANK
-from .errors import MpipubError, PublishError
-from .packing import KeyNotStr, ValueNotSendable, fastpub
+from ..errors import MpipubError, PublishError
+from ..transport import comm as _comm
+from ..transport.comm import CLIENT_RANK
+from . import loop as _engine
+from .batch import KeyNotStr, ValueNotSendable, fastpub
 
 
 def _mpi_rank_if_running() -> int | None:
@@ -58,7 +58,7 @@ def publish_data(data: Mapping[str, Any], *, copy: bool = True) -> None:
 
     Returns at once: numpy arrays are copied (so the caller may change them right away) and
     travel as raw bytes, several calls coalesced into one MPI message when they come fast
-    (``mpipub.sender``); other values are pickled. The client sees the latest value of every
+    (``mpipub.engine.sender``); other values are pickled. The client sees the latest value of every
     key in ``AsyncResult.data`` and every publication in ``AsyncResult.stream()``.
     With ``copy=False`` arrays of 4 MiB and more are sent from their own memory: the caller
     promises not to modify them until the task function returns (faster for large arrays,

@@ -23,10 +23,12 @@ import sys
 import threading
 import time
 
-from . import config, packing, wire
-from .comm import CLIENT_RANK, TAG_BUF, TAG_MSG
-from .errors import MpipubError
-from .packing import Batch, fastpub
+from .. import config
+from ..errors import MpipubError
+from ..transport import packing, wire
+from ..transport.comm import CLIENT_RANK, TAG_BUF, TAG_MSG
+from . import batch
+from .batch import Batch, fastpub
 
 #: A batch is sent by the publishing thread once it holds this many bytes or publications,
 #: or is this old (seconds): bounds the client's staleness during a tight loop.
@@ -60,9 +62,9 @@ def configure_fastpub() -> bool:
     global _fastpub_configured
     if not _fastpub_configured and fastpub is not None and "numpy" in sys.modules:
         fastpub.configure(
-            ndarray=sys.modules["numpy"].ndarray, plain_dtypes=packing._plain_dtypes,
-            slab_item_max=packing.SLAB_ITEM_MAX, slab_bytes=packing.SLAB_BYTES,
-            align=packing.ALIGN, zero_copy_min=packing.ZERO_COPY_MIN, batch_bytes=BATCH_BYTES,
+            ndarray=sys.modules["numpy"].ndarray, plain_dtypes=batch._plain_dtypes,
+            slab_item_max=batch.SLAB_ITEM_MAX, slab_bytes=batch.SLAB_BYTES,
+            align=batch.ALIGN, zero_copy_min=batch.ZERO_COPY_MIN, batch_bytes=BATCH_BYTES,
             batch_pubs=BATCH_PUBS, max_age_s=MAX_AGE_S, wake_slack_s=WAKE_SLACK_S,
             value_code=packing.VALUE, array_code=packing.ARRAY)
         _fastpub_configured = True
@@ -119,7 +121,7 @@ class Sender(object if fastpub is None else fastpub.SenderBase):  # type: ignore
             self.fast_on = False
 
     def publish(self, task_id: int, step: int, t: float, data, copy: bool) -> None:
-        """Add one publication (raises packing.ValueNotSendable naming the key)."""
+        """Add one publication (raises batch.ValueNotSendable naming the key)."""
         if self.error is not None:
             self._raise_error()
         with self.lock:
@@ -263,7 +265,7 @@ class Sender(object if fastpub is None else fastpub.SenderBase):  # type: ignore
                                 timeout = poll
                         if self.ready_slab is None and self._fast_ready and \
                                 self.task_id is not None:
-                            self.ready_slab = self.pool.take(packing.SLAB_BYTES)
+                            self.ready_slab = self.pool.take(batch.SLAB_BYTES)
                         if timeout is None:
                             # nothing to do: expect the next step one interval after the last
                             last = self.last_add

@@ -20,10 +20,15 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable
 
-from . import comm as _comm
-from . import config, ending, wire
-from . import engine as _engine
-from . import namespace as _ns
+from .. import config
+from ..engine import loop as _engine
+from ..engine import namespace as _ns
+from ..engine.namespace import Reference, contains_reference
+from ..errors import MpipubError, TaskNotSendable
+from ..transport import comm as _comm
+from ..transport import wire
+from ..transport.comm import CLIENT_RANK, TAG_CBUF, TAG_CTRL
+from . import ending
 from .asyncresult import (
     AsyncGatherResult,
     AsyncMapResult,
@@ -32,10 +37,7 @@ from .asyncresult import (
     decode_batch,
     split_parts,
 )
-from .comm import CLIENT_RANK, TAG_CBUF, TAG_CTRL
-from .errors import MpipubError, TaskNotSendable
 from .iothread import IOThread
-from .namespace import Reference, contains_reference
 
 #: How long ``close()`` waits for engines to stop before it aborts the MPI job.
 CLOSE_TIMEOUT_S = config.get("MPIPUB_CLOSE_TIMEOUT_S")
@@ -365,7 +367,7 @@ class Client:
         self._rt = _runtime
         self._sink = None
         if sink is not None:
-            from .sink import Sink
+            from ..sink.writer import Sink
 
             snk = Sink(sink, world, **sink_options)
             snk.runtime = self._rt  # so a failing sink can tell the engines (abort)
@@ -447,7 +449,7 @@ class Client:
 
 
 def _close_at_exit(exit_code: int | None = None) -> None:
-    """The end of rank 0 (see mpipub.ending): stop the engines and close the sinks, once,
+    """The end of rank 0 (see mpipub.client.ending): stop the engines and close the sinks, once,
     however the script ended (``exit_code``: the script's status when the caller knows it)."""
     if not ending.begin_shutdown():
         return
