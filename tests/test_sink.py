@@ -56,7 +56,8 @@ def _check_sim_engine(g, n):
     a = g["data/a"][:]
     assert a.shape == (n, 4, 3) and a.dtype == np.float64
     assert np.array_equal(a, np.broadcast_to(np.arange(n)[:, None, None], (n, 4, 3)))
-    assert g["steps/a"][:].tolist() == list(range(n))
+    index = {r["name"].decode(): r for r in g["index"][:]}   # format 2: "a" is dense
+    assert index["a"]["first"] == 0 and index["a"]["kind"] == b"array" and "a" not in g["steps"]
     assert g["data/i"][:].tolist() == list(range(n))
     assert np.array_equal(g["data/x"][:], np.arange(n) / 3)
     assert [v.decode() for v in g["data/s"][:]] == [f"s{i}" for i in range(n)]
@@ -89,7 +90,7 @@ c.close()
     assert "DATA 59 array([59., 59., 59., 59.], dtype=float32)" in job.stdout
     assert "cannot store key 'obj'" in job.stdout and "object" in job.stdout
     with h5py.File(sink, "r") as f:
-        assert f.attrs["mpipub_format"] == 1 and "closed" in f.attrs
+        assert f.attrs["mpipub_format"] == 2 and "closed" in f.attrs
         t = f["task_0001"]
         assert t.attrs["function"] == "sim" and t.attrs["args"] == "(60,)"
         assert t.attrs["end"] >= t.attrs["start"]
@@ -99,9 +100,16 @@ c.close()
             _check_sim_engine(g, 60)
             # late key with changing shapes/kinds: one dataset per signature, steps tell which
             got = {}
-            for name in g["data"]:
+            for r in g["index"][:]:
+                name = r["name"].decode()
                 if name.split("@")[0] == "late":
-                    for st, v in zip(g[f"steps/{name}"][:], g[f"data/{name}"][:]):
+                    rows = g[f"data/{name}"][:]
+                    if r["first"] >= 0:  # dense: the engine's publications first, first+1..
+                        steps = g["step"][r["first"]:r["first"] + len(rows)]
+                    else:
+                        steps = g[f"steps/{name}"][:]
+                    for st, v in zip(steps, rows):
+                        assert int(st) not in got
                         got[int(st)] = v
             assert sorted(got) == list(range(5, 60))
             assert got[7] == b"text"
@@ -160,7 +168,7 @@ def test_h5dump_reads_the_file(sim_file):
 
     names = dump("-n")
     for path in ("/task_0001/engine_2/data/a", "/task_0001/engine_2/data/cfg/deep/flag",
-                 "/task_0001/engine_2/steps/late", "/task_0001/engine_2/data/late@1"):
+                 "/task_0001/engine_2/index", "/task_0001/engine_2/data/late@1"):
         assert f"dataset    {path}\n" in names, names
     i = dump("-d", "/task_0001/engine_2/data/i")
     assert "(0): 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11" in i, i
@@ -279,7 +287,7 @@ c[:].apply_async(sim, 100000, 0.005).get()
         assert "closed" not in f.attrs
         for e in (1, 2):
             g = f[f"task_0001/engine_{e}"]
-            n = min(g["step"].shape[0], g["data/a"].shape[0], g["steps/a"].shape[0])
+            n = min(g["step"].shape[0], g["data/a"].shape[0])  # "a": dense from step 0
             assert n > n1 // 2
             assert g["step"][:n].tolist() == list(range(n))
             a = g["data/a"][:n]
@@ -433,6 +441,94 @@ c[:].apply_sync(img)
         r = _cli(*args)
         assert r.returncode != 0 and msg in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_dense_and_sparse_datasets_read_back_exactly(tmp_path):
+    """Format 2 in one process (the sink's writer fed as the client feeds it): keys at every
+    step (dense, no steps dataset), every third step, first seen late, changing dtype and
+    back, nested, str and bytes; mpipub.open gives every step of every key, exactly."""
+    import types
+
+    import mpipub
+    from mpipub.sink.writer import Sink
+
+    path = tmp_path / "dense.h5"
+    rec = types.SimpleNamespace(task_id=1, label="t", submitted=time.time(), engines=[1, 2],
+                                hosts=["-"] * 3, finished=None)
+    sink = Sink(path)
+    sink.on_task_start(rec, (print, (), {}))
+    expect: dict = {1: {}, 2: {}}
+    for step in range(40):
+        for e in (1, 2):
+            d = {"i": step, "a": np.full(3, step, np.float32), "cfg": {"x": step},
+                 "s": f"s{step}", "b": b"b%d" % step}
+            if step % 3 == 0:
+                d["every3"] = float(step)
+            if step >= 10:
+                d["late"] = step * 2
+            if step in (5, 6):
+                d["late"] = "text"
+            if step == 7:
+                d["a"] = np.zeros(2)
+            for k, v in d.items():
+                expect[e].setdefault(k, {})[step] = v
+            sink.on_publications(rec, e, [(step, time.time(), d, 100)])
+    rec.finished = time.time()
+    sink.on_task_end(rec)
+    sink.close()
+    with mpipub.open(path) as run:
+        assert run.keys == ["i", "a", "cfg", "s", "b", "every3", "late"]
+        assert isinstance(run["every3"][0], np.ndarray)  # two datasets, one dtype: one array
+        for ei, e in enumerate(run.engines):
+            for k, by_step in expect[e].items():
+                steps = run.steps(k)[ei]
+                assert steps.tolist() == sorted(by_step), k
+                for st, v in zip(steps, run[k][ei]):
+                    want = by_step[int(st)]
+                    if isinstance(want, dict):
+                        assert v == want, (k, st)
+                    else:
+                        assert np.array_equal(np.asarray(v), np.asarray(want)), (k, st, v)
+            for st in range(40):
+                assert set(run.data_at(st)[ei]) == {k for k in expect[e] if st in expect[e][k]}
+    with h5py.File(path, "r") as f:
+        g = f["task_0001/engine_1"]
+        index = {r["name"].decode(): (r["kind"], int(r["first"])) for r in g["index"][:]}
+        assert index["i"] == (b"int", 0) and index["cfg/x"] == (b"int", 0)
+        assert index["every3"] == (b"float", 0) and index["every3@1"] == (b"float", -1)
+        assert sorted(g["steps"]) == ["a@2", "every3@1"]  # only sparse datasets have steps
+
+
+def test_format_1_files_are_still_read_and_newer_ones_refused(tmp_path):
+    """A file in format 1 (every dataset with a steps dataset and key/kind/version attrs),
+    as mpipub wrote before format 2, reads as before; a newer format is one clear error."""
+    import mpipub
+
+    path = tmp_path / "f1.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["mpipub_format"] = 1
+        t = f.create_group("task_0001")
+        t.attrs["task_id"] = 1
+        g = t.create_group("engine_1")
+        g.attrs["rank"] = 1
+        g["step"], g["time"], g["received"] = np.arange(4), np.zeros(4), np.zeros(4)
+        for name, key, kind, ver, rows, steps in (
+                ("x", "x", "float", 0, np.arange(4) / 2, [0, 1, 2, 3]),
+                ("y", "y", "int", 0, np.array([1, 3]), [1, 3]),
+                ("y@1", "y", "str", 1, np.array([b"two"], dtype=h5py.string_dtype()), [2])):
+            ds = g.create_dataset(f"data/{name}", data=rows)
+            ds.attrs["key"], ds.attrs["kind"], ds.attrs["version"] = key, kind, ver
+            g[f"steps/{name}"] = np.asarray(steps, dtype=np.int64)
+    with mpipub.open(path) as run:
+        assert run.keys == ["x", "y"]
+        assert run["x"][0].tolist() == [0, 0.5, 1, 1.5]
+        assert run.steps("y")[0].tolist() == [1, 2, 3] and run["y"][0] == [1, "two", 3]
+        assert run.data_at(2) == [{"x": 1.0, "y": "two"}]
+    with h5py.File(path, "r+") as f:
+        f.attrs["mpipub_format"] = 3
+    with pytest.raises(mpipub.SinkFileError, match="mpipub sink format 3, which this mpipub "
+                       "does not read"):
+        mpipub.open(path)
 
 
 def test_value_checker_unit():

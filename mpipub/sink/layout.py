@@ -1,31 +1,47 @@
-"""The on-disk layout of an mpipub sink file, shared by the writer (``sink.py``) and the reader
+"""The on-disk layout of an mpipub sink file, shared by the writer (``writer.py``) and the reader
 (``reader.py``), and the value checker engines run when a sink is on.
 
-Layout (format version 1; see docs/sink.md)::
+Layout (format version 2; see docs/sink.md)::
 
-    /                                   attrs: mpipub_format=1, created, nranks, hosts
+    /                                   attrs: mpipub_format=2, created, nranks, hosts
     /task_0001/                         attrs: task_id, label, function, args, kwargs,
                                                start, end (NaN until the task ends), engines
     /task_0001/engine_1/                attrs: rank, host
         step        int64   (n,)        step of every publication, in arrival order
         time        float64 (n,)        when the engine called publish_data (unix seconds)
         received    float64 (n,)        when rank 0 received it (unix seconds)
+        index       (k,) compound       one row per dataset in data/: name, kind, version,
+                                        first (see below)
         data/<key>  (m, *shape)         one dataset per key, one row per publication of it
-        steps/<key> int64 (m,)          step of each row of data/<key>
+        steps/<key> int64 (m,)          step of each row of data/<key>, for sparse datasets only
 
-A nested dict value is a group in ``data/`` (and ``steps/``) with the same structure. Names are
-keys with ``%``, ``/`` and ``@`` percent-escaped (``"."`` is ``%2E``, ``""`` is ``%``). When a
-key's dtype, shape or kind changes between steps, the writer starts a new dataset
-``<key>@1``, ``<key>@2``, ...; ``steps/`` tells which steps each one holds. Each leaf dataset
-has attrs ``key`` (the original key) and ``kind`` (how to turn a row back into the published
-Python value: array, npscalar, int, float, bool, complex, str, bytes).
+A dataset is *dense* (``first`` >= 0) when its rows are the engine's publications ``first``,
+``first + 1``, ...: row i's step is ``step[first + i]``, and it has no ``steps/`` dataset. A key
+that skips a publication continues in a new, *sparse* dataset (``first`` = -1) whose steps are
+in ``steps/<name>``. A nested dict value is a group in ``data/`` (and ``steps/``) with the same
+structure. Names are keys with ``%``, ``/`` and ``@`` percent-escaped (``"."`` is ``%2E``,
+``""`` is ``%``). When a key's dtype, shape or kind changes between steps, the writer starts a
+new dataset ``<key>@1``, ``<key>@2``, ...; so it does when a dense dataset's key skips a
+publication. ``kind`` tells how to turn a row back into the published Python value: array,
+npscalar, int, float, bool, complex, str, bytes.
+
+Format 1 (mpipub before 2026-12-04; still read): no ``index``; every dataset in data/ has a
+``steps/`` dataset and attrs ``key``, ``kind``, ``version``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-FORMAT = 1
+FORMAT = 2
+#: formats the reader reads
+READ_FORMATS = (1, 2)
+#: a row of an engine's ``index``: a dataset's path under data/ (escaped names, "/" between
+#: nested dict levels), its kind, its version (the ``@N``), and for a dense dataset the
+#: publication (row of ``step``) of its first row, -1 for a sparse one (h5py reads the
+#: object field as a variable-length UTF-8 string)
+INDEX_DTYPE = np.dtype([("name", np.dtype("O", metadata={"vlen": str})), ("kind", "S8"),
+                        ("version", "<i4"), ("first", "<i8")])
 TASK_FMT = "task_{:04d}"
 ENGINE_FMT = "engine_{}"
 

@@ -1,6 +1,6 @@
 """Reading sink files: ``mpipub.open(path)`` -> ``Run``. Works on a finished file and on one
 being written (``refresh()`` picks up what was written since). Nothing is unpickled: values
-are rebuilt from datasets and their ``kind`` attribute (see ``mpipub.sink.layout``).
+are rebuilt from datasets and their kind (see ``mpipub.sink.layout``).
 """
 
 from __future__ import annotations
@@ -38,47 +38,75 @@ class _Truncated(OSError):
 
 
 class _Leaf:
-    __slots__ = ("ds", "idx", "kind", "version", "_steps", "_f")
+    """One dataset of a key. Sparse (format 1, or ``first`` == -1): its steps are the dataset
+    ``idx``; dense (``first`` >= 0, format 2): row i is the engine's publication ``first + i``."""
 
-    def __init__(self, f, ds, idx, kind, version):
+    __slots__ = ("ds", "idx", "kind", "version", "first", "_esteps", "_steps", "_f")
+
+    def __init__(self, f, ds, idx, kind, version, first=-1, esteps=None):
         self._f, self.ds, self.idx, self.kind, self.version = f, ds, idx, kind, version
+        self.first, self._esteps = first, esteps
         self._steps = None
 
-    def _damaged(self, exc: OSError) -> SinkFileError:
+    def _damaged(self, exc: Exception) -> SinkFileError:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         return _DamagedRead(f"{self._f.filename}: damaged: cannot read {self.ds}: "
-                             f"{' '.join(str(exc).split())}")
+                             f"{' '.join(str(msg).split())}")
+
+    def dataset(self) -> h5py.Dataset:
+        """Its h5py dataset (a ``SinkFileError`` naming it where HDF5 cannot open it)."""
+        try:
+            return self._f[self.ds]
+        except (OSError, KeyError) as exc:
+            raise self._damaged(exc) from None
 
     def steps(self) -> np.ndarray:
         if self._steps is None:
             try:
-                d, i = self._f[self.ds], self._f[self.idx]
-                n = min(d.shape[0], i.shape[0])
-                self._steps = np.asarray(i[:n])
-            except OSError as exc:
+                d = self._f[self.ds]
+                if self.first >= 0:  # dense: as many rows as the engine's steps cover
+                    n = max(0, min(d.shape[0], len(self._esteps) - self.first))
+                    self._steps = self._esteps[self.first:self.first + n]
+                else:
+                    i = self._f[self.idx]
+                    n = min(d.shape[0], i.shape[0])
+                    self._steps = np.asarray(i[:n])
+            except (OSError, KeyError) as exc:
                 raise self._damaged(exc) from None
         return self._steps
+
+    def first_step(self) -> int:
+        """The step of its first row (1 << 62 while it has none), without reading a dense
+        dataset."""
+        if self.first >= 0:
+            return int(self._esteps[self.first]) if self.first < len(self._esteps) else 1 << 62
+        st = self.steps()
+        return int(st[0]) if len(st) else 1 << 62
 
     def rows(self):
         n = len(self.steps())
         try:
             return self._f[self.ds][:n]
-        except OSError as exc:
+        except (OSError, KeyError) as exc:
             raise self._damaged(exc) from None
 
     def row(self, pos: int):
         try:
             return L.to_python(self.kind, self._f[self.ds][pos])
-        except OSError as exc:
+        except (OSError, KeyError) as exc:
             raise self._damaged(exc) from None
 
     def values(self) -> list:
         return [L.to_python(self.kind, r) for r in self.rows()]
 
 
+_NUMERIC = ("array", "npscalar", "int", "float", "bool", "complex")
+
+
 class EngineData:
     """One engine's part of one task: steps, times and the stored leaves."""
 
-    def __init__(self, f, group: str):
+    def __init__(self, f, group: str, fmt: int = L.FORMAT):
         self._f = f
         g = f[group]
         self.group = group
@@ -89,10 +117,28 @@ class EngineData:
         self.times = np.asarray(g["time"][:n])
         self.received = np.asarray(g["received"][:n])
         self.leaves: dict[tuple, list[_Leaf]] = {}
-        if "data" in g:
+        self._keys: list[str] | None = None  # (a snapshot: refresh() makes new objects)
+        self._by_top: dict | None = None
+        if fmt >= 2:
+            if "index" in g:
+                self._read_index(g["index"], group)
+        elif "data" in g:
             self._scan(g["data"], f"{group}/data", f"{group}/steps", ())
         for v in self.leaves.values():
-            v.sort(key=lambda lf: (lf.steps()[0] if len(lf.steps()) else 1 << 62))
+            if len(v) > 1:
+                v.sort(key=_Leaf.first_step)
+
+    def _read_index(self, ds, group: str) -> None:
+        """Format 2: the leaves from the engine's ``index`` (one row per dataset)."""
+        for name, kind, version, first in ds[:].tolist():
+            name = name.decode("utf-8") if isinstance(name, bytes) else str(name)
+            key = tuple(L.unescape(part) for part in name.split("/"))
+            first = int(first)
+            self.leaves.setdefault(key, []).append(
+                _Leaf(self._f, f"{group}/data/{name}",
+                      None if first >= 0 else f"{group}/steps/{name}",
+                      kind.decode("ascii") if isinstance(kind, bytes) else str(kind),
+                      int(version), first, self.steps))
 
     def _scan(self, grp, dpath, spath, prefix):
         for name, obj in grp.items():
@@ -108,14 +154,26 @@ class EngineData:
 
     @property
     def keys(self) -> list[str]:
+        if self._keys is None:
+            self._keys = self._order_keys()
+        return self._keys
+
+    def _order_keys(self) -> list[str]:
         first: dict[str, int] = {}
         for path, leaves in self.leaves.items():
-            s = min((int(lf.steps()[0]) for lf in leaves if len(lf.steps())), default=1 << 62)
+            s = min(lf.first_step() for lf in leaves)
             first[path[0]] = min(first.get(path[0], 1 << 62), s)
         return sorted(first, key=lambda k: first[k])  # stable: file (creation) order
 
     def _under(self, key: tuple):
-        return [(p, lf) for p, lfs in self.leaves.items() if p[: len(key)] == key for lf in lfs]
+        if not key:
+            return [(p, lf) for p, lfs in self.leaves.items() for lf in lfs]
+        if self._by_top is None:  # leaves by top-level key: a lookup is not a scan of all
+            self._by_top = {}
+            for p, lfs in self.leaves.items():
+                self._by_top.setdefault(p[0], []).append((p, lfs))
+        return [(p, lf) for p, lfs in self._by_top.get(key[0], ()) if p[: len(key)] == key
+                for lf in lfs]
 
     def value_at(self, key: tuple, step: int):
         """Value of ``key`` published at ``step``, or KeyError."""
@@ -171,9 +229,18 @@ class EngineData:
         if len(items) == 1 and len(exact) == 1:
             lf = exact[0]
             st = lf.steps()
-            if lf.kind in ("array", "npscalar", "int", "float", "bool", "complex"):
+            if lf.kind in _NUMERIC:
                 return st, np.asarray(lf.rows())
             return st, lf.values()
+        if len(exact) == len(items) and len({lf.kind for lf in exact}) == 1 \
+                and exact[0].kind in _NUMERIC:
+            # datasets of one signature (a key that skipped publications continues in a
+            # new dataset): one array, in step order
+            parts = [np.asarray(lf.rows()) for lf in exact]
+            if len({(p.dtype, p.shape[1:]) for p in parts}) == 1:
+                st = np.concatenate([lf.steps() for lf in exact])
+                order = np.argsort(st, kind="stable")
+                return st[order], np.concatenate(parts)[order]
         steps = sorted({int(s) for _, lf in items for s in lf.steps()})
         return np.asarray(steps, dtype=np.int64), [self.value_at(key, s) for s in steps]
 
@@ -182,7 +249,7 @@ class TaskData:
     """One task in a sink file: ``engines``, ``keys``, ``data``, ``data_at(step)``,
     ``run[key]``, ``steps(key)``."""
 
-    def __init__(self, f, group: str):
+    def __init__(self, f, group: str, fmt: int = L.FORMAT):
         g = f[group]
         a = g.attrs
         self.group = group
@@ -196,10 +263,11 @@ class TaskData:
         #: why the job ended while this task ran (e.g. SIGTERM from scancel); None if it did not
         self.cut_short = str(a["cut_short"]) if "cut_short" in a else None
         self._eng: dict[int, EngineData] = {}
+        self._keys: dict[str, None] | None = None
         for name in g:
             if name.startswith("engine_"):
                 try:
-                    e = EngineData(f, f"{group}/{name}")
+                    e = EngineData(f, f"{group}/{name}", fmt)
                 except OSError as exc:
                     raise _DamagedRead(f"{f.filename}: damaged: cannot read {group}/{name}: "
                                        f"{' '.join(str(exc).split())}") from None
@@ -214,11 +282,13 @@ class TaskData:
 
     @property
     def keys(self) -> list[str]:
-        seen: dict[str, None] = {}
-        for e in self.engines:
-            for k in self._eng[e].keys:
-                seen.setdefault(k, None)
-        return list(seen)
+        if self._keys is None:
+            seen: dict[str, None] = {}
+            for e in self.engines:
+                for k in self._eng[e].keys:
+                    seen.setdefault(k, None)
+            self._keys = seen
+        return list(self._keys)
 
     @property
     def data(self) -> list[dict]:
@@ -232,7 +302,7 @@ class TaskData:
     def _key(self, key) -> tuple:
         if isinstance(key, tuple):
             return key
-        if key in self.keys or "/" not in key:
+        if "/" not in key or (self.keys and key in self._keys):
             return (key,)
         return tuple(key.split("/"))
 
@@ -281,6 +351,7 @@ class Run:
         self._task = task
         self._retry_s = retry_s
         self._f = None
+        self._format = L.FORMAT
         self._tasks: dict[int, TaskData] = {}
         self.refresh()
 
@@ -301,13 +372,19 @@ class Run:
         else:  # closed: a plain open, which checks the file itself
             f = h5py.File(p, "r", locking=False)
         try:
-            ours = "mpipub_format" in f.attrs
+            fmt = f.attrs.get("mpipub_format")
         except BaseException:
             f.close()
             raise
-        if not ours:
+        if fmt is None:
             f.close()
             raise SinkFileError(f"{p}: an HDF5 file, but not an mpipub sink file")
+        if int(fmt) not in L.READ_FORMATS:
+            f.close()
+            raise SinkFileError(f"{p}: mpipub sink format {int(fmt)}, which this mpipub does "
+                                f"not read (it reads formats "
+                                f"{', '.join(map(str, L.READ_FORMATS))}); upgrade mpipub")
+        self._format = int(fmt)
         return f
 
     def _damaged(self, exc: Exception, waited: float) -> SinkFileError:
@@ -352,7 +429,7 @@ class Run:
                     tasks = {}
                     for name in f:
                         if name.startswith("task_"):
-                            t = TaskData(f, name)
+                            t = TaskData(f, name, self._format)
                             tasks[t.task_id] = t
                 except BaseException:
                     f.close()

@@ -73,11 +73,10 @@ def _fmt_t(t: float) -> str:
 
 
 def _describe_leaf(ed, path) -> str:
-    f = ed._f
     parts = []
     for lf in ed.leaves[path]:
-        ds = f[lf.ds]
         n = len(lf.steps())
+        ds = lf.dataset()
         dt = "str" if lf.kind == "str" else "bytes" if lf.kind == "bytes" else str(ds.dtype)
         parts.append(f"{dt}{tuple(ds.shape[1:])} {lf.kind} x{n}")
     return "; ".join(parts)
