@@ -40,7 +40,8 @@ SIM = """
         ar = c[:].apply_async(sim)
         while not all(s.publications > 20 for s in ar.stats.values()):
             time.sleep(0.01)
-        Path("ready").write_text(str(os.getpid()))
+        Path("ready.tmp").write_text(str(os.getpid()))
+        os.replace("ready.tmp", "ready")  # appears whole: the test reads the pid at once
         if mode == "exit3":
             sys.exit(3)
         if mode == "raise":
