@@ -7,9 +7,11 @@ client sees the latest data of each engine in ``AsyncResult.data``.
 
 __version__ = "0.1.0"
 
-# Public names, loaded on first use: an engine rank never imports the client side, and a job
-# that never reads a sink file never imports h5py (import time is most of an empty job's
-# start-up when several ranks share a small node).
+# The public names, listed once: name -> the module that defines it, loaded on first use (an
+# engine rank never imports the client side, and a job that never reads a sink file never
+# imports h5py: import time is most of an empty job's start-up when several ranks share a
+# small node). ``__all__`` is every name here but ``open``; the TYPE_CHECKING block below
+# repeats them for type checkers and IDEs only, and tests/test_api.py checks it says the same.
 _WHERE = {
     "AsyncMapResult": "client.asyncresult", "AsyncResult": "client.asyncresult",
     "EngineStats": "client.asyncresult", "Publication": "client.asyncresult",
@@ -50,7 +52,7 @@ def __dir__():
 
 
 TYPE_CHECKING = False  # (no typing import at start-up)
-if TYPE_CHECKING:  # for type checkers and IDEs
+if TYPE_CHECKING:  # for type checkers and IDEs: the names of _WHERE (tests/test_api.py checks)
     from .client.asyncresult import AsyncMapResult, AsyncResult, EngineStats, Publication
     from .client.client import Client, DirectView
     from .engine.datapub import engine_comm, publish_data
@@ -70,27 +72,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .sink.reader import Run
     from .sink.reader import open as open  # (mpipub.open; not in __all__)
 
-# Every name of _WHERE but ``open`` (it would shadow the builtin in ``from mpipub import *``;
-# ``mpipub.open`` stays). tests/test_api.py checks the two lists agree.
-__all__ = [
-    "AsyncMapResult",
-    "AsyncResult",
-    "Client",
-    "CompositeError",
-    "ConfigError",
-    "DirectView",
-    "EngineStats",
-    "LaunchError",
-    "MpipubError",
-    "Publication",
-    "PublishError",
-    "Reference",
-    "RemoteError",
-    "Run",
-    "SinkError",
-    "SinkFileError",
-    "TaskAborted",
-    "TaskNotSendable",
-    "engine_comm",
-    "publish_data",
-]
+# Every public name but ``open`` (it would shadow the builtin in ``from mpipub import *``;
+# ``mpipub.open`` stays).
+__all__ = [name for name in _WHERE if name != "open"]

@@ -574,6 +574,25 @@ def test_public_names_one_error_family():
     assert issubclass(mpipub.TaskNotSendable, TypeError)
 
 
+def test_the_type_checkers_view_of_the_public_names_is_mpipub_where():
+    """mpipub._WHERE is the one list of public names; the TYPE_CHECKING imports in
+    mpipub/__init__.py (what type checkers and IDEs read) must name the same, from the same
+    modules."""
+    import ast
+
+    import mpipub
+
+    tree = ast.parse((ROOT / "mpipub" / "__init__.py").read_text())
+    block, = [n for n in tree.body if isinstance(n, ast.If)
+              and getattr(n.test, "id", None) == "TYPE_CHECKING"]
+    seen = {}
+    for node in block.body:
+        assert isinstance(node, ast.ImportFrom) and node.level == 1, ast.dump(node)
+        for alias in node.names:
+            seen[alias.asname or alias.name] = node.module
+    assert seen == mpipub._WHERE
+
+
 def test_configuration_table_is_the_code():
     from mpipub import config
 
