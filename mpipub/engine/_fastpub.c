@@ -3,11 +3,11 @@
  * Why: a 64 KiB publish_data in Python cost several times a numpy.copyto of the same array
  * (docs/benchmarks.md, row 3), nearly all of it interpreter work around the one memcpy. Here the
  * whole call is one C function: it copies the arrays into the open batch's slab and appends
- * the publication's metadata exactly as packing.Batch.add would.
+ * the publication's metadata exactly as batch.Batch.add would.
  *
  * It only handles what is plain: a dict with str keys whose values are int, float, bool,
  * complex, str, bytes or None, or numpy arrays (exact ndarray, C-contiguous, of a dtype
- * packing.py has found plain). Arrays go where Batch._place puts them: up to SLAB_ITEM_MAX
+ * batch.py has found plain: contract.PLAIN_DTYPES). Arrays go where Batch._place puts them: up to SLAB_ITEM_MAX
  * bytes into the slab (the batch's first slab is one the flusher keeps ready), larger ones
  * into a buffer of their own from the pool; zero-copy sends stay with Python. For anything
  * else (and when the lock is taken, an abort poll is due, the sender failed, a new slab
@@ -112,7 +112,7 @@ static PyMemberDef batch_members[] = {
 static PyTypeObject BatchBase_Type = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "mpipub.engine._fastpub.BatchBase",
-    .tp_doc = "The fields of packing.Batch, shared with the C publish path.",
+    .tp_doc = "The fields of batch.Batch (contract.BATCH_FIELDS), shared with the C publish path.",
     .tp_basicsize = sizeof(BatchBase),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,
@@ -127,7 +127,7 @@ static PyTypeObject BatchBase_Type = {
 typedef struct {
     PyObject_HEAD
     PyObject *batch;        /* the open Batch, or None */
-    PyObject *batch_type;   /* packing.Batch */
+    PyObject *batch_type;   /* batch.Batch */
     PyObject *sealed;       /* list of complete batches not yet posted */
     PyObject *ready_slab;   /* a pooled slab for the next batch (the flusher keeps one), or None */
     PyObject *task_id;      /* the running task's id, or None */
@@ -536,7 +536,7 @@ static PyMemberDef sender_members[] = {
 static PyTypeObject SenderBase_Type = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "mpipub.engine._fastpub.SenderBase",
-    .tp_doc = "The fields of sender.Sender that the C publish path reads and writes.",
+    .tp_doc = "The fields of sender.Sender (contract.SENDER_FIELDS) that the C publish path reads and writes.",
     .tp_basicsize = sizeof(SenderBase),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,
