@@ -7,9 +7,9 @@
  *
  * It only handles what is plain: a dict with str keys whose values are int, float, bool,
  * complex, str, bytes or None, or numpy arrays (exact ndarray, C-contiguous, of a dtype
- * batch.py has found plain: contract.PLAIN_DTYPES). Arrays go where Batch._place puts them: up to SLAB_ITEM_MAX
- * bytes into the slab (the batch's first slab is one the flusher keeps ready), larger ones
- * into a buffer of their own from the pool; zero-copy sends stay with Python. For anything
+ * batch.py has found plain: contract.PLAIN_DTYPES). Arrays go where Batch._place puts them:
+ * up to SLAB_ITEM_MAX bytes into the slab (the batch's first slab is one the flusher keeps
+ * ready), larger ones into a buffer of their own from the pool; zero-copy sends stay with Python. For anything
  * else (and when the lock is taken, an abort poll is due, the sender failed, a new slab
  * would be needed, or batches would have to be posted) it changes nothing and returns False:
  * the Python path (loop.Engine.publish, sender.Sender.add) then does the call, and it stays
