@@ -9,9 +9,10 @@
  * complex, str, bytes or None, or numpy arrays (exact ndarray, C-contiguous, of a dtype
  * batch.py has found plain: contract.PLAIN_DTYPES). Arrays go where Batch._place puts them:
  * up to SLAB_ITEM_MAX bytes into the slab (the batch's first slab is one the flusher keeps
- * ready), larger ones into a buffer of their own from the pool; zero-copy sends stay with Python. For anything
- * else (and when the lock is taken, an abort poll is due, the sender failed, a new slab
- * would be needed, or batches would have to be posted) it changes nothing and returns False:
+ * ready), larger ones into a buffer of their own from the pool; zero-copy sends stay with
+ * Python. For anything else (and when no task runs, the lock is taken, an abort poll is due,
+ * the sender failed, a new slab would be needed, or batches would have to be posted) it
+ * changes nothing and returns False:
  * the Python path (loop.Engine.publish, sender.Sender.add) then does the call, and it stays
  * the reference for what a publication is. With a sink on (the sender's check_value is set),
  * it also leaves to Python every value that the sink's table (mpipub/sink/rules.py) does not
