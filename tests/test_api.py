@@ -170,7 +170,7 @@ def test_last_step_of_a_burst_arrives_while_the_engine_computes(mpi_script, pace
     # Fast publications are coalesced; the batch still open when the task goes on computing
     # must not wait for the next publish_data call (the engine's flusher sends it). At a
     # steady pace (pace_s) the flusher is not woken by each step but expects the next one
-    # (sender.WAKE_SLACK_S): the step that does not come must not keep the last one waiting.
+    # (contract.WAKE_SLACK_S): the step that does not come must not keep the last one waiting.
     job = mpi_script(f"""
         import time
         from mpipub import Client
