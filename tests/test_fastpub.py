@@ -25,7 +25,8 @@ from mpipub.sink import layout, rules
 from mpipub.transport import packing, wire
 
 fastpub = batch.fastpub
-needs_c = pytest.mark.skipif(fastpub is None, reason="mpipub.engine._fastpub is not built here")
+needs_c = pytest.mark.skipif(fastpub is None, reason="the C path is off here (_fastpub not "
+                             "built, or MPIPUB_PURE_PYTHON=1)")
 
 
 def test_the_c_path_is_built_where_it_is_required():
