@@ -129,7 +129,7 @@ PLAIN = [
     {"zero_d": np.array(3.5)},
     {},
     {"full": np.ones(batch.SLAB_ITEM_MAX // 8)},  # the largest array a slab takes
-    {"MiB": np.arange(1 << 17, dtype=np.int64), "after": np.ones(2)},
+    {"batch": np.arange(sender.BATCH_BYTES // 8, dtype=np.int64), "after": np.ones(2)},
 ]
 
 

@@ -13,9 +13,12 @@ from .. import config
 from ..transport.packing import ARRAY, PICKLED, VALUE
 
 #: Arrays (and out-of-band pickle buffers) up to this size are copied into a shared slab;
-#: larger ones get a buffer of their own.
-SLAB_ITEM_MAX = 256 << 10
-SLAB_BYTES = 1 << 20
+#: larger ones get a buffer of their own. A slab is as large as a batch (sender.BATCH_BYTES),
+#: so a batch of arrays up to 1 MiB travels as one header and one buffer: 4 MiB slabs beat
+#: 1 MiB ones by 1.3-1.5x with four engines at 1 MiB, and 2 or 8 MiB did worse
+#: (docs/benchmarks.md, "Why the constants are what they are").
+SLAB_ITEM_MAX = 1 << 20
+SLAB_BYTES = 4 << 20
 #: ``copy=False`` sends arrays from their own memory only from this size: below it a copy
 #: into a pooled buffer is faster end to end, because the copy stays in cache until the
 #: client reads it (docs/benchmarks.md, "Why the constants are what they are").

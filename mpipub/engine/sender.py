@@ -32,8 +32,10 @@ from . import batch
 from .batch import Batch, fastpub
 
 #: A batch is sent by the publishing thread once it holds this many bytes or publications,
-#: or is this old (seconds): bounds the client's staleness during a tight loop.
-BATCH_BYTES = 1 << 20
+#: or is this old (seconds): bounds the client's staleness during a tight loop. Bytes: one
+#: slab (batch.SLAB_BYTES); every message costs rank 0's single I/O thread a probe, two
+#: receives and its bookkeeping, so fewer, larger messages (docs/benchmarks.md).
+BATCH_BYTES = 4 << 20
 BATCH_PUBS = 256
 MAX_AGE_S = 0.002
 #: The flusher sends an open batch once nothing was added to it for this long (seconds).
