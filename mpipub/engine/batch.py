@@ -15,7 +15,7 @@ from ..transport.packing import ARRAY, PICKLED, VALUE
 #: Arrays (and out-of-band pickle buffers) up to this size are copied into a shared slab;
 #: larger ones get a buffer of their own. A slab is as large as a batch (sender.BATCH_BYTES),
 #: so a batch of arrays up to 1 MiB travels as one header and one buffer: 4 MiB slabs beat
-#: 1 MiB ones by 1.3-1.5x with four engines at 1 MiB, and 2 or 8 MiB did worse
+#: 1 MiB ones by 1.4-1.65x with four engines at 1 MiB, and 2 or 8 MiB did worse
 #: (docs/benchmarks.md, "Why the constants are what they are").
 SLAB_ITEM_MAX = 1 << 20
 SLAB_BYTES = 4 << 20
