@@ -150,7 +150,7 @@ def test_a_batch_of_1_mib_arrays_is_one_buffer_on_both_paths(configured):
         return
     s = _Sender()
     for k in range(4):
-        assert s.fast_publish({"a": a + k}) is True
+        assert s.fast_add({"a": a + k}) is True
     b, = s.sealed  # the fourth filled it
     assert [bytes(x) for x in b.buffers()] == [bytes(x) for x in ref.buffers()]
 
