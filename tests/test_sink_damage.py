@@ -317,10 +317,12 @@ def test_a_disk_that_fills_in_the_batch_of_an_engines_first_data_keeps_its_first
             import numpy as np
             from mpipub import engine_comm, publish_data
             comm = engine_comm()
-            if comm.rank == 0:
-                for i in range(40):                                   # 20 MiB in all
-                    publish_data({{"i": i, "a": np.full(1 << 16, i)}})  # 512 KiB a step
-            comm.Barrier()  # engine 2 publishes nothing before engine 1 has sent it all
+            try:
+                if comm.rank == 0:
+                    for i in range(40):                                   # 20 MiB in all
+                        publish_data({{"i": i, "a": np.full(1 << 16, i)}})  # 512 KiB a step
+            finally:  # (the sink's error may stop engine 1's task first: it still gets here)
+                comm.Barrier()  # engine 2 publishes nothing before engine 1 has sent it all
         ar = c[:].apply_async(task)
         try:
             ar.get(timeout=60)
