@@ -798,10 +798,11 @@ class Sink:
         return space
 
     def _create_raw(self, path: str, tmpl: tuple, shp: tuple, s: _Series, init, is_data: bool,
-                    R: int) -> int:
+                    R: int):
         """Create one dataset through ``dataset_calls`` from a template (type, creation
         plist), and write ``init``'s rows (data, or steps where not ``is_data``) as whole
-        chunks of ``R`` rows; return its integer id (open)."""
+        chunks of ``R`` rows; return its integer id (open), or an h5py id that owns it where
+        a failed write was retried through h5py."""
         calls = _DS_CALLS
         parent, name = path.rsplit("/", 1)
         gid = self._gid(parent).id
@@ -822,6 +823,7 @@ class Sink:
             sc = self._scratch[(dt, R, shp)] = (buf, buf.ctypes.data, buf.nbytes, offs)
         buf, addr, nbytes, offs = sc
         k = len(init)
+        owner = None  # an h5py id for hid, once h5py was called with it
         for j in range(0, k, R):
             m = min(R, k - j)
             if is_data:
@@ -836,10 +838,12 @@ class Sink:
             if m > 1:
                 buf[1:m] = 0  # (row 0 is written by every use)
             if not ok:  # again through h5py, for its error message (or success)
+                if owner is None:  # h5py's id owns (closes) hid from here
+                    owner = h5d.DatasetID(hid)
                 buf2 = np.zeros_like(buf)
                 buf2[:m] = [init[j + r][2 if is_data else 1] for r in range(m)]
-                h5d.DatasetID(hid).write_direct_chunk((j, *(0,) * len(shp)), buf2)
-        return hid
+                owner.write_direct_chunk((j, *(0,) * len(shp)), buf2)
+        return hid if owner is None else owner
 
     def _plan(self, sig: tuple) -> tuple:
         """How the datasets of a series of signature ``sig`` are made: (rows per raw chunk or
