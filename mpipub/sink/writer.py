@@ -25,6 +25,7 @@ The layout is described in ``mpipub.sink.layout`` and docs/sink.md.
 from __future__ import annotations
 
 import collections
+import ctypes
 import functools
 import json
 import os
@@ -35,9 +36,11 @@ import time
 import h5py
 import numpy as np
 from h5py import h5d, h5s
+from h5py._objects import phil
 
 from ..errors import SinkError
 from . import layout as L
+from .h5direct import dataset_calls, gil_free_chunk_writer
 
 _END = object()
 
@@ -74,6 +77,9 @@ HEAD_BYTES = 1 << 20
 INIT_SERIES_BYTES = 64 << 10
 INIT_BYTES = 4 << 20
 _STR_DT = h5py.string_dtype("utf-8")
+_I8 = np.dtype(np.int64)
+#: HDF5 calls past h5py (None: through h5py); see h5direct
+_DS_CALLS = dataset_calls()
 
 
 def _compression_kwargs(compression, compression_opts, shuffle) -> dict:
@@ -215,7 +221,9 @@ class Sink:
         self._gids: dict = {}  # group path -> GroupID (cleared on reopen)
         self._templates: dict = {}  # dataset signature -> (type, creation plist) (see _create)
         self._plans: dict = {}  # series signature -> _plan()
-        self._spaces: dict = {}  # row shape -> dataspace of a new (empty) dataset
+        self._row_bytes: dict = {}  # series signature -> bytes of a row (see _plan_init)
+        self._spaces: dict = {}  # (rows, row shape) -> dataspace of a new dataset
+        self._scratch: dict = {}  # (dtype, rows, row shape) -> a chunk's buffer (_create_raw)
         self._where = ""
         self._last = ""  # the last rows written, named in a flush error
         self._gen = 0  # bumped when the file is reopened (low-level ids change)
@@ -223,7 +231,7 @@ class Sink:
         self._restructuring = False  # the file is open outside SWMR mode (see _restructure)
         global _write_chunk
         if _write_chunk is _write_chunk_h5py:
-            _write_chunk = _gil_free_chunk_writer() or _write_chunk_h5py
+            _write_chunk = gil_free_chunk_writer() or _write_chunk_h5py
         self._thread = threading.Thread(target=self._run, name="mpipub-sink", daemon=True)
         self._thread.start()
 
@@ -468,6 +476,19 @@ class Sink:
         self._keep_open(s, tuple(ids))
         return s.ids
 
+    def _room_to_keep(self) -> bool:
+        """Whether one more series may stay open (see _keep_open), closing one that no
+        recent batch wrote if that makes room."""
+        op = self._open
+        if len(op) < MAX_OPEN_SERIES:
+            return True
+        old = next(iter(op))
+        if old.used >= self._batches - 1:
+            return False
+        del op[old]
+        old.ids, old.gen = None, -1
+        return True
+
     def _keep_open(self, s: _Series, ids: tuple) -> None:
         """Keep ``s`` open; beyond MAX_OPEN_SERIES close the least recently written series if
         no recent batch wrote it, else the most recently written one before ``s``: a batch
@@ -523,14 +544,17 @@ class Sink:
                 erows.append((step, t_pub, t_recv))
                 nbytes = 0
                 for path, value in L.flatten(data):
-                    sig = L.leaf_signature(value)
-                    skey = _sigkey(sig)
+                    skey = _SCALAR_SIGKEYS.get(type(value))
+                    if skey is None:
+                        skey = _sigkey(L.leaf_signature(value))
                     versions = self._series.get((task, eng, path))
                     s = None if versions is None else versions.get(skey)
                     if s is None:  # first value, or a new dtype/shape/kind: a new dense dataset
-                        s = self._new_series(task, eng, path, sig, creates, names, pub)
+                        s = self._new_series(task, eng, path, L.leaf_signature(value), creates,
+                                             names, pub)
                     elif s.first >= 0 and s.first + s.rows != pub:  # skipped publications:
-                        s = self._new_series(task, eng, path, sig, creates, names, -1)
+                        s = self._new_series(task, eng, path, L.leaf_signature(value), creates,
+                                             names, -1)
                     s.rows += 1
                     rows[s.data_path].append((s, step, value))
                     nbytes += value.nbytes if type(value) is np.ndarray else 8
@@ -639,7 +663,11 @@ class Sink:
             lst = rows.get(s.data_path)
             if not lst:
                 continue
-            nb = len(lst) * (s.dtype.itemsize * int(np.prod(s.shape, dtype=np.int64)) or 1)
+            nb = self._row_bytes.get(s.sig)
+            if nb is None:
+                nb = self._row_bytes[s.sig] = \
+                    s.dtype.itemsize * int(np.prod(s.shape, dtype=np.int64)) or 1
+            nb *= len(lst)
             if nb > INIT_SERIES_BYTES or nb > budget:
                 continue
             budget -= nb
@@ -697,8 +725,9 @@ class Sink:
     def _create(self, s: _Series, sig: tuple) -> None:
         """Create the datasets of series ``s`` (with ``s.init``'s rows, else empty). The
         first dataset of each signature is made with h5py; the next ones reuse its type and
-        creation property list through the low-level API: h5py's per-call work was most of
-        the cost of a publication with thousands of new keys."""
+        creation property list, through ``h5direct.dataset_calls`` where its rows (if any)
+        are whole raw chunks, else through h5py's low-level API: h5py's per-call work was
+        most of the cost of a publication with thousands of new keys."""
         plan = self._plans.get(sig)
         if plan is None:
             plan = self._plans[sig] = self._plan(sig)
@@ -707,12 +736,18 @@ class Sink:
         init = s.init
         k = 0 if init is None else len(init)
         ids = []
+        raw = False  # some of ids are plain integer ids (dataset_calls)
         for path, (tkey, dt, shp, chk, kw), is_data in zip((s.data_path, s.steps_path), specs,
                                                           (True, False)):
             if path is None:
                 ids.append(None)
                 continue
+            R = direct[is_data]
             tmpl = self._templates.get(tkey)
+            if tmpl is not None and _DS_CALLS is not None and (R or not k):
+                ids.append(self._create_raw(path, tmpl, shp, s, init, is_data, R))
+                raw = True
+                continue
             if tmpl is None:
                 maxshape = (None, *[d if d > 0 else None for d in shp])
                 dsid = self.f.create_dataset(path, shape=(0, *shp), maxshape=maxshape,
@@ -721,13 +756,9 @@ class Sink:
                 if k:
                     dsid.set_extent((k, *shp))
             else:
-                space = self._spaces.get((k, shp))
-                if space is None:
-                    maxshape = (h5s.UNLIMITED, *[d if d > 0 else h5s.UNLIMITED for d in shp])
-                    space = self._spaces[(k, shp)] = h5s.create_simple((k, *shp), maxshape)
-                parent, name = path.rsplit("/", 1)
-                dsid = h5d.create(self._gid(parent), name.encode(), tmpl[0], space,
-                                  dcpl=tmpl[1])
+                dsid = h5d.create(self._gid(path.rsplit("/", 1)[0]),
+                                  path.rsplit("/", 1)[1].encode(), tmpl[0],
+                                  self._space(k, shp), dcpl=tmpl[1])
             if k:
                 if not is_data:
                     arr = np.array([st for _, st, _ in init], dtype=np.int64)
@@ -735,7 +766,6 @@ class Sink:
                     arr = _rows([v for _, _, v in init])
                 else:
                     arr = np.array([v for _, _, v in init], dtype=s.dtype)
-                R = direct[is_data]
                 if R:  # whole chunks, padded, past the chunk cache: a third faster
                     zeros = (0,) * (arr.ndim - 1)
                     for j in range(0, k, R):
@@ -749,7 +779,71 @@ class Sink:
                     dsid.write(h5s.ALL, h5s.ALL, arr)
             ids.append(dsid)
         s.n = k
+        if raw:
+            if not self._room_to_keep():  # closed now, reopened when written again
+                for i in ids:
+                    if type(i) is int:
+                        _DS_CALLS.close(i)
+                s.ids, s.gen = None, -1
+                return
+            ids = [h5d.DatasetID(i) if type(i) is int else i for i in ids]
         self._keep_open(s, tuple(ids))
+
+    def _space(self, k: int, shp: tuple):
+        """Dataspace of a new dataset of ``k`` rows of shape ``shp``, unlimited (reused)."""
+        space = self._spaces.get((k, shp))
+        if space is None:
+            maxshape = (h5s.UNLIMITED, *[d if d > 0 else h5s.UNLIMITED for d in shp])
+            space = self._spaces[(k, shp)] = h5s.create_simple((k, *shp), maxshape)
+        return space
+
+    def _create_raw(self, path: str, tmpl: tuple, shp: tuple, s: _Series, init, is_data: bool,
+                    R: int):
+        """Create one dataset through ``dataset_calls`` from a template (type, creation
+        plist), and write ``init``'s rows (data, or steps where not ``is_data``) as whole
+        chunks of ``R`` rows; return its integer id (open), or an h5py id that owns it where
+        a failed write was retried through h5py."""
+        calls = _DS_CALLS
+        parent, name = path.rsplit("/", 1)
+        gid = self._gid(parent).id
+        space = self._space(0 if init is None else len(init), shp).id
+        with phil:
+            hid = calls.create(gid, name.encode(), tmpl[0].id, space, 0, tmpl[1].id, 0)
+        if hid < 0:  # again through h5py, for its error message
+            h5d.create(self._gid(parent), name.encode(), tmpl[0],
+                       self._space(0 if init is None else len(init), shp), dcpl=tmpl[1])
+            raise SinkError(f"creating dataset {path} failed")  # (h5py did not say why)
+        if init is None:
+            return hid
+        dt = s.dtype if is_data else _I8
+        sc = self._scratch.get((dt, R, shp))
+        if sc is None:  # a zeroed chunk, its address, its bytes, its chunk offset
+            buf = np.zeros((R, *shp), dt)
+            offs = (ctypes.c_uint64 * (1 + len(shp)))()
+            sc = self._scratch[(dt, R, shp)] = (buf, buf.ctypes.data, buf.nbytes, offs)
+        buf, addr, nbytes, offs = sc
+        k = len(init)
+        owner = None  # an h5py id for hid, once h5py was called with it
+        for j in range(0, k, R):
+            m = min(R, k - j)
+            if is_data:
+                for r in range(m):
+                    buf[r] = init[j + r][2]
+            else:
+                for r in range(m):
+                    buf[r] = init[j + r][1]
+            offs[0] = j
+            with phil:
+                ok = calls.write_chunk(hid, 0, 0, offs, nbytes, addr) >= 0
+            if m > 1:
+                buf[1:m] = 0  # (row 0 is written by every use)
+            if not ok:  # again through h5py, for its error message (or success)
+                if owner is None:  # h5py's id owns (closes) hid from here
+                    owner = h5d.DatasetID(hid)
+                buf2 = np.zeros_like(buf)
+                buf2[:m] = [init[j + r][2 if is_data else 1] for r in range(m)]
+                owner.write_direct_chunk((j, *(0,) * len(shp)), buf2)
+        return hid if owner is None else owner
 
     def _plan(self, sig: tuple) -> tuple:
         """How the datasets of a series of signature ``sig`` are made: (rows per raw chunk or
@@ -867,48 +961,17 @@ def _write_chunk_h5py(dsid, offset: tuple, buf: np.ndarray) -> None:
     dsid.write_direct_chunk(offset, buf)
 
 
-def _gil_free_chunk_writer():
-    """H5Dwrite_chunk called through ctypes, which releases the GIL while HDF5 copies the chunk
-    to the file (h5py holds the GIL in every call): the client's I/O thread keeps receiving
-    while the writer writes. h5py's lock (``phil``) is held, so no other thread is inside
-    HDF5 meanwhile (threads waiting for it release the GIL). None where the HDF5 library that
-    h5py loaded cannot be found (then h5py's write_direct_chunk is used)."""
-    try:
-        import ctypes
-
-        from h5py._objects import phil
-
-        from .h5file import libhdf5
-
-        lib = libhdf5()
-        if lib is None:
-            return None
-        fn = lib.H5Dwrite_chunk
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32,
-                       ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t, ctypes.c_void_p]
-        offs_t = {}
-
-        def write_chunk(dsid, offset: tuple, buf: np.ndarray) -> None:
-            t = offs_t.get(len(offset))
-            if t is None:
-                t = offs_t[len(offset)] = ctypes.c_uint64 * len(offset)
-            with phil:
-                ok = fn(dsid.id, 0, 0, t(*offset), buf.nbytes, buf.ctypes.data) >= 0
-            if not ok:  # again through h5py, for its error message (or success)
-                dsid.write_direct_chunk(offset, buf)
-
-        return write_chunk
-    except Exception:  # noqa: BLE001 - any surprise: h5py's (GIL-holding) call
-        return None
-
-
 _write_chunk = _write_chunk_h5py
 
 
 def _sigkey(sig):
     kind, dtype, shape = sig
     return (kind, None if dtype is None else dtype.str, shape)
+
+
+#: _sigkey(L.leaf_signature(v)) of plain Python values, by type (the common case, per key)
+_SCALAR_SIGKEYS = {t: _sigkey(L.leaf_signature(t())) for t in (int, float, bool, complex, str,
+                                                                 bytes)}
 
 
 def _short_repr(obj, limit: int = 4096) -> str:
