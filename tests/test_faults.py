@@ -322,7 +322,7 @@ READERS = """
         import time
         import numpy as np
         from mpipub import publish_data
-        a = np.zeros(1000)
+        a = np.zeros(500)  # 4 KiB: every step fits the history stream() reads from
         for i in range(n):
             a[:] = i
             publish_data({"i": i, "a": a, "sq": i * i, "s": f"step {i}"})
@@ -336,7 +336,7 @@ READERS = """
 
     def check(d, where):
         i = d["i"]
-        if not (d["sq"] == i * i and d["s"] == f"step {i}" and d["a"].shape == (1000,)
+        if not (d["sq"] == i * i and d["s"] == f"step {i}" and d["a"].shape == (500,)
                 and np.all(d["a"] == i)):
             problems.append(f"{where}: inconsistent dict at step {i}")
         return i
