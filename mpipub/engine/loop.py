@@ -301,8 +301,7 @@ class Engine:
         without waiting for it (the client may be gone), so a client that is still there
         neither waits for this engine at its end nor sends it tasks."""
         waited = time.monotonic() - (self.terminating_since or 0.0)
-        during = (f"during {self.terminated_during}, which went on running"
-                  if self.terminated_during else "while idle")
+        during = f"during {self.terminated_during}" if self.terminated_during else "while idle"
         sys.stderr.write(f"mpipub: engine {self.rank} ({self.host}) got SIGTERM {waited:.0f} s "
                          f"ago {during}, and the client has not stopped it since; leaving\n")
         sys.stderr.flush()

@@ -210,7 +210,7 @@ class Sender(object if fastpub is None else fastpub.SenderBase):  # type: ignore
                              payload=b.nbytes, last_t=b.pubs[-1][1])
             self.outbox.send(enc, CLIENT_RANK, TAG_MSG, TAG_BUF)
 
-    def _raise_error(self, task_id, step: int):
+    def _raise_error(self, task_id: int | None, step: int):
         """Once the flusher has failed, publications are refused (nothing accepted is lost:
         the task's thread posts what was accepted, with the result)."""
         raise MpipubError(
