@@ -170,7 +170,7 @@ def test_last_step_of_a_burst_arrives_while_the_engine_computes(mpi_script, pace
     # Fast publications are coalesced; the batch still open when the task goes on computing
     # must not wait for the next publish_data call (the engine's flusher sends it). At a
     # steady pace (pace_s) the flusher is not woken by each step but expects the next one
-    # (sender.WAKE_SLACK_S): the step that does not come must not keep the last one waiting.
+    # (contract.WAKE_SLACK_S): the step that does not come must not keep the last one waiting.
     job = mpi_script(f"""
         import time
         from mpipub import Client
@@ -577,6 +577,25 @@ def test_public_names_one_error_family():
             assert name in mpipub.__all__ or name.startswith(("Remote", "Composite")), name
     assert issubclass(mpipub.PublishError, ValueError)
     assert issubclass(mpipub.TaskNotSendable, TypeError)
+
+
+def test_the_type_checkers_view_of_the_public_names_is_mpipub_where():
+    """mpipub._WHERE is the one list of public names; the TYPE_CHECKING imports in
+    mpipub/__init__.py (what type checkers and IDEs read) must name the same, from the same
+    modules."""
+    import ast
+
+    import mpipub
+
+    tree = ast.parse((ROOT / "mpipub" / "__init__.py").read_text())
+    block, = [n for n in tree.body if isinstance(n, ast.If)
+              and getattr(n.test, "id", None) == "TYPE_CHECKING"]
+    seen = {}
+    for node in block.body:
+        assert isinstance(node, ast.ImportFrom) and node.level == 1, ast.dump(node)
+        for alias in node.names:
+            seen[alias.asname or alias.name] = node.module
+    assert seen == mpipub._WHERE
 
 
 def test_configuration_table_is_the_code():

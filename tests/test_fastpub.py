@@ -9,19 +9,24 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections import OrderedDict
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from conftest import ok
-from mpipub.engine import batch, sender
+from mpipub.engine import batch, contract, sender
+from mpipub.sink import layout, rules
 from mpipub.transport import packing, wire
 
 fastpub = batch.fastpub
-needs_c = pytest.mark.skipif(fastpub is None, reason="mpipub.engine._fastpub is not built here")
+needs_c = pytest.mark.skipif(fastpub is None, reason="the C path is off here (_fastpub not "
+                             "built, or MPIPUB_PURE_PYTHON=1)")
 
 
 def test_the_c_path_is_built_where_it_is_required():
@@ -49,15 +54,13 @@ class _Sub(np.ndarray):
 
 @pytest.fixture
 def configured(monkeypatch):
-    """_fastpub configured as an engine configures it, but batches never seal by age (the
-    tests compare whole batches; a slow moment must not split one)."""
-    monkeypatch.setattr(sender, "MAX_AGE_S", math.inf)
-    monkeypatch.setattr(sender, "_fastpub_configured", False)
-    assert sender.configure_fastpub()
+    """_fastpub as an engine has it (the contract read at import), but batches never seal by
+    age (the tests compare whole batches; a slow moment must not split one)."""
+    monkeypatch.setattr(contract, "MAX_AGE_S", math.inf)
+    fastpub.read_contract()
     yield
     monkeypatch.undo()
-    sender._fastpub_configured = False
-    sender.configure_fastpub()
+    fastpub.read_contract()
 
 
 class _Sender(fastpub.SenderBase if fastpub is not None else object):  # type: ignore[misc]
@@ -73,6 +76,7 @@ class _Sender(fastpub.SenderBase if fastpub is not None else object):  # type: i
         self.sealed = []
         self.ready_slab = self.pool.take(batch.SLAB_BYTES)
         self.task_id = 7
+        self.check_value = None
         self.error = None
         self._lock_acquire, self._lock_release = self.lock.acquire, self.lock.release
         self._wake_release = self.wake.release
@@ -87,7 +91,7 @@ class _Sender(fastpub.SenderBase if fastpub is not None else object):  # type: i
         self.sealed = []
 
     def python_add(self, data):
-        """What the Python path does with a publication (sender.Sender.publish)."""
+        """What the Python path does with a publication (sender.Sender.add)."""
         if self.batch is None:
             self.batch = batch.Batch(self.task_id, self.pool)
         self.batch.add(self.step, time.time(), data, True)
@@ -139,7 +143,7 @@ def test_plain_publications_are_packed_exactly_as_the_python_path_packs_them(con
     ref = batch.Batch(7, ref_pool)
     for step, data in enumerate(PLAIN):
         ref.add(step, time.time(), data, True)  # (also caches each dtype as plain)
-        assert s.fast_publish(data) is True, data
+        assert s.fast_add(data) is True, data
     b, = s.sealed  # the last one filled it (BATCH_BYTES)
     assert s.batch is None and s.step == len(PLAIN) and s.ready_slab is None and b.task_id == 7
     _assert_same(b, ref)
@@ -174,9 +178,9 @@ def test_what_the_c_path_does_not_handle_is_left_to_python_untouched(configured,
             pass
     for opened in (False, True):
         if opened:
-            assert s.fast_publish({"i": 1}) is True
+            assert s.fast_add({"i": 1}) is True
         before = s.state()
-        assert s.fast_publish(NOT_PLAIN[what]) is False
+        assert s.fast_add(NOT_PLAIN[what]) is False
         assert s.state() == before
 
 
@@ -187,25 +191,25 @@ def test_the_c_path_steps_aside_when_it_must(configured):
     batch.Batch(1, wire.BufferPool()).add(0, 0.0, {"a": a}, True)
     before = s.state()
     with s.lock:  # the flusher holds the lock: the Python path waits for it
-        assert s.fast_publish({"a": a}) is False
+        assert s.fast_add({"a": a}) is False
     s.task_id = None  # no task running
-    assert s.fast_publish({"a": a}) is False
+    assert s.fast_add({"a": a}) is False
     s.task_id, s.error = 7, RuntimeError("flusher died")  # the Python path raises it
-    assert s.fast_publish({"a": a}) is False
+    assert s.fast_add({"a": a}) is False
     s.error, s.next_abort_poll = None, 0.0  # an abort poll is due (Python reads aborts)
-    assert s.fast_publish({"a": a}) is False
+    assert s.fast_add({"a": a}) is False
     s.next_abort_poll = math.inf  # copy=False from ZERO_COPY_MIN: sent from the array itself
     big = np.ones(batch.ZERO_COPY_MIN // 8)
-    assert s.fast_publish({"big": big}, False) is False
+    assert s.fast_add({"big": big}, False) is False
     s.ready_slab = None  # no slab to open a batch with
-    assert s.fast_publish({"a": a}) is False
+    assert s.fast_add({"a": a}) is False
     assert s.state() == (before[0], before[1], None, *before[3:])
-    assert s.fast_publish({"i": 1}) is True  # no array: no slab needed
-    assert s.fast_publish({"big": big}) is True  # copied into a buffer of its own
+    assert s.fast_add({"i": 1}) is True  # no array: no slab needed
+    assert s.fast_add({"big": big}) is True  # copied into a buffer of its own
     assert len(s.sealed) == 1  # (it filled the batch)
     s.sealed = []
     half = big[:len(big) // 2]
-    assert s.fast_publish({"half": half}, False) is True  # copied, below ZERO_COPY_MIN
+    assert s.fast_add({"half": half}, False) is True  # copied, below ZERO_COPY_MIN
     s.sealed = []
     b = batch.Batch(7, s.pool)
     b.add(0, 0.0, {"half": half}, False)
@@ -240,9 +244,10 @@ def test_publish_data_is_the_c_path_first_and_the_python_function_for_the_rest(c
     assert pub({"a": a}) == "python" and s.step == 0  # no current sender: Python's
     assert calls == [(({"a": a},), {})]
     calls.clear()
-    fastpub.set_current(s)
+    engine = SimpleNamespace(sender=s)
+    fastpub.set_current(engine)
     try:
-        assert fastpub.current() is s
+        assert fastpub.current() is engine
         assert pub({"a": a}) is None and pub({"a": a}, copy=True) is None
         assert s.step == 2 and len(s.batch.pubs) == 2 and not calls  # taken by C
         big = np.ones(batch.ZERO_COPY_MIN // 8)
@@ -254,7 +259,7 @@ def test_publish_data_is_the_c_path_first_and_the_python_function_for_the_rest(c
             assert pub(*args, **kw) == "python" and calls == [(args, kw)], (args, kw)
         assert s.step == 2
         with pytest.raises(TypeError):
-            fastpub.set_current(object())
+            fastpub.set_current(SimpleNamespace(sender=object()))
     finally:
         fastpub.set_current(None)
     assert fastpub.current() is None and pub({"a": a}) == "python"
@@ -267,7 +272,7 @@ def test_c_and_python_publications_share_one_batch_and_slab(configured):
     quarter = np.arange(batch.SLAB_ITEM_MAX // 8 - 1, dtype=np.float64)
     for k in range(6):
         ref.add(k, 0.0, {"a": quarter + k}, True)
-        if s.fast_publish({"a": quarter + k}) is False:
+        if s.fast_add({"a": quarter + k}) is False:
             assert k == 4  # the slab is full: Python starts the next one
             s.python_add({"a": quarter + k})
     b = s.sealed[0]  # sealed by the sixth: past BATCH_BYTES
@@ -279,28 +284,28 @@ def test_c_and_python_publications_share_one_batch_and_slab(configured):
 def test_the_c_path_seals_full_batches_and_wakes_only_an_idle_flusher(configured):
     s = _Sender()
     s.wakes_at = math.inf  # idle, no timeout: the first publication of a batch wakes it
-    assert s.fast_publish({"i": 0}) is True
+    assert s.fast_add({"i": 0}) is True
     assert s.wake.acquire(blocking=False) and s.wakes_at == -math.inf
     s.wakes_at = time.time() + 60  # asleep until a step far off: woken too
     s.batch = None
-    assert s.fast_publish({"i": 0}) is True
+    assert s.fast_add({"i": 0}) is True
     assert s.wake.acquire(blocking=False)
     s.batch = None
     s.wakes_at = time.time() + sender.WAKE_SLACK_S / 10  # it looks by itself very soon
-    assert s.fast_publish({"i": 0}) is True
+    assert s.fast_add({"i": 0}) is True
     assert not s.wake.acquire(blocking=False)
     s.batch = None
     for i in range(sender.BATCH_PUBS):
-        assert s.fast_publish({"i": i}) is True
+        assert s.fast_add({"i": i}) is True
     assert s.batch is None and len(s.sealed) == 1 and len(s.sealed[0].pubs) == sender.BATCH_PUBS
     # the flusher has not posted it: the C path fills the next batch, but the call that
     # would seal that one too is the Python path's (it posts both, with signals deferred)
     for i in range(sender.BATCH_PUBS - 1):
-        assert s.fast_publish({"i": i}) is True
+        assert s.fast_add({"i": i}) is True
     before = s.state()
-    assert s.fast_publish({"i": 0}) is False and s.state() == before and s.posted == 0
+    assert s.fast_add({"i": 0}) is False and s.state() == before and s.posted == 0
     s.sealed = []  # posted
-    assert s.fast_publish({"i": 0}) is True and len(s.sealed) == 1
+    assert s.fast_add({"i": 0}) is True and len(s.sealed) == 1
 
 
 SINK_VALUES = [
@@ -315,18 +320,66 @@ SINK_VALUES = [
 @needs_c
 @pytest.mark.parametrize("value", SINK_VALUES, ids=repr)
 def test_with_a_sink_the_c_path_takes_only_what_the_sink_accepts(configured, value):
-    from mpipub.sink import layout
-
     s = _Sender()
-    s.sink_checks = True
+    s.check_value = layout.check_value
     batch.Batch(1, wire.BufferPool()).add(0, 0.0, {"v": value}, True)  # (dtype cache)
     before = s.state()
-    taken = s.fast_publish({"v": value})
+    taken = s.fast_add({"v": value})
     if layout.check_value("v", value) is not None:
         assert taken is False and s.state() == before  # Python raises the sink's error
     else:
-        ok_for_c = not isinstance(value, np.ndarray) or value.dtype.kind in "biufcS"
+        ok_for_c = not isinstance(value, np.ndarray) or value.dtype.kind in rules.ARRAY_KINDS
         assert taken is ok_for_c
+
+
+@needs_c
+def test_the_c_path_reads_its_constants_and_accepted_values_from_the_contract(configured,
+                                                                             monkeypatch):
+    """One declaration (contract.py, sink/rules.py): a constant or an accepted value changed
+    there changes what the C path does, and the sink's Python check with it."""
+    s = _Sender()
+    monkeypatch.setattr(contract, "BATCH_PUBS", 3)
+    fastpub.read_contract()
+    for i in range(3):
+        assert s.fast_add({"i": i}) is True
+    assert len(s.sealed) == 1 and len(s.sealed[0].pubs) == 3  # sealed at the contract's 3
+    s.sealed, s.batch = [], None
+    ints = np.arange(3, dtype=np.int32)
+    batch.Batch(1, wire.BufferPool()).add(0, 0.0, {"v": ints}, True)  # (dtype cache)
+    s.check_value = layout.check_value  # a sink is on
+    assert s.fast_add({"v": ints}) is True and layout.check_value("v", ints) is None
+    monkeypatch.setattr(rules, "ARRAY_KINDS", "f")
+    monkeypatch.setattr(rules, "STR_FORBIDDEN", "\0#")
+    fastpub.read_contract()
+    before = s.state()
+    assert s.fast_add({"v": ints}) is False and s.state() == before  # Python's check decides
+    assert "cannot be stored" in layout.check_value("v", ints)
+    assert s.fast_add({"s": "a#b"}) is False and layout.check_value("s", "a#b")
+    assert s.fast_add({"s": "ab"}) is True and layout.check_value("s", "ab") is None
+
+
+@needs_c
+def test_c_fields_that_differ_from_the_contract_stop_the_import(tmp_path):
+    """_fastpub's structs must have exactly the contract's fields: one removed from (or added
+    to) contract.py and not to _fastpub.c makes the import fail, naming the field, instead of
+    the C path writing where Python does not read."""
+    code = ("import mpipub.engine.contract as c\n"
+            "c.SENDER_FIELDS = tuple(f for f in c.SENDER_FIELDS if f[0] != 'check_value')\n"
+            "import mpipub.engine._fastpub\n")
+    job = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "MPIPUB_PURE_PYTHON": "0"})
+    assert job.returncode != 0, job.stdout
+    assert "RuntimeError: mpipub.engine._fastpub does not match mpipub/engine/contract.py: " \
+           "SenderBase's field 5 is check_value object in C but error object in " \
+           "SENDER_FIELDS" in job.stderr, job.stderr
+
+
+def test_the_python_batch_has_the_contracts_fields():
+    from mpipub.engine.batch import _BatchFields
+
+    assert _BatchFields.__slots__ == tuple(name for name, _ in contract.BATCH_FIELDS)
+    b = _BatchFields(3, wire.BufferPool())
+    assert all(hasattr(b, name) for name in _BatchFields.__slots__)
 
 
 @pytest.mark.parametrize("pure", ["0", "1"])

@@ -3,39 +3,48 @@
  * Why: a 64 KiB publish_data in Python cost several times a numpy.copyto of the same array
  * (docs/benchmarks.md, row 3), nearly all of it interpreter work around the one memcpy. Here the
  * whole call is one C function: it copies the arrays into the open batch's slab and appends
- * the publication's metadata exactly as packing.Batch.add would.
+ * the publication's metadata exactly as batch.Batch.add would.
  *
  * It only handles what is plain: a dict with str keys whose values are int, float, bool,
  * complex, str, bytes or None, or numpy arrays (exact ndarray, C-contiguous, of a dtype
- * packing.py has found plain). Arrays go where Batch._place puts them: up to SLAB_ITEM_MAX
- * bytes into the slab (the batch's first slab is one the flusher keeps ready), larger ones
- * into a buffer of their own from the pool; zero-copy sends stay with Python. For anything
- * else (and when the lock is taken, an abort poll is due, the sender failed, a new slab
- * would be needed, or batches would have to be posted) it changes nothing and returns False:
- * the Python path (sender.Sender.publish) then does the call, and it stays the reference for
- * what a publication is. With a sink on (sink_checks), it also leaves to Python every value
- * that layout.check_value might refuse (None, ints beyond 64 bits, str with NUL or not valid
- * unicode, arrays of dtype kinds other than "biufcS"), so refusals are Python's.
+ * batch.py has found plain: contract.PLAIN_DTYPES). Arrays go where Batch._place puts them:
+ * up to SLAB_ITEM_MAX bytes into the slab (the batch's first slab is one the flusher keeps
+ * ready), larger ones into a buffer of their own from the pool; zero-copy sends stay with
+ * Python. For anything else (and when no task runs, the lock is taken, an abort poll is due,
+ * the sender failed, a new slab would be needed, or batches would have to be posted) it
+ * changes nothing and returns False:
+ * the Python path (loop.Engine.publish, sender.Sender.add) then does the call, and it stays
+ * the reference for what a publication is. With a sink on (the sender's check_value is set),
+ * it also leaves to Python every value that the sink's table (mpipub/sink/rules.py) does not
+ * surely accept, so refusals, and their messages, are layout.check_value's.
  *
  * The two base types hold the state both paths share, as C fields that Python sees as
- * attributes: BatchBase (packing.Batch) and SenderBase (sender.Sender).
+ * attributes: BatchBase (batch.Batch) and SenderBase (sender.Sender). Every constant, those
+ * fields and the accepted values are declared once, in mpipub/engine/contract.py: this module
+ * reads the constants from there when it is imported (read_contract) and refuses to import
+ * (RuntimeError) when its structs' fields differ from the declared ones.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <limits.h>
 #include <string.h>
 #include <time.h>
 
 #define MAX_ITEMS 32
 
-/* set by configure(): constants and objects owned by the Python modules */
-static PyObject *ndarray_type;  /* numpy.ndarray */
-static PyObject *plain_dtypes;  /* packing._plain_dtypes: dtype -> str ("" when pickled) */
-static PyObject *str_dtype, *str_shape, *str_take;
-static Py_ssize_t slab_item_max = -1, slab_bytes, align = 64, batch_bytes, batch_pubs;
-static Py_ssize_t zero_copy_min;
+/* read from mpipub/engine/contract.py by read_contract() */
+static PyObject *plain_dtypes;  /* contract.PLAIN_DTYPES: dtype -> str ("" when pickled) */
+static Py_ssize_t slab_item_max, slab_bytes, align, batch_bytes, batch_pubs, zero_copy_min;
 static double max_age_s, wake_slack_s;
 static long code_value, code_array;
+static PyObject *sink_scalar_types;  /* contract.SINK_RULES.SCALAR_TYPES (a tuple) */
+static char sink_array_kinds[64];    /* contract.SINK_RULES.ARRAY_KINDS */
+static char sink_str_forbidden[16];  /* contract.SINK_RULES.STR_FORBIDDEN (ASCII) */
+static Py_ssize_t sink_str_forbidden_len;
+
+static PyObject *ndarray_type;  /* numpy.ndarray, once numpy is imported (find_ndarray) */
+static PyObject *str_dtype, *str_shape, *str_take, *str_numpy, *str_ndarray;
 
 /* ---------------------------------------------------------------- BatchBase */
 typedef struct {
@@ -104,7 +113,7 @@ static PyMemberDef batch_members[] = {
 static PyTypeObject BatchBase_Type = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "mpipub.engine._fastpub.BatchBase",
-    .tp_doc = "The fields of packing.Batch, shared with the C publish path.",
+    .tp_doc = "The fields of batch.Batch (contract.BATCH_FIELDS), shared with the C publish path.",
     .tp_basicsize = sizeof(BatchBase),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,
@@ -119,21 +128,22 @@ static PyTypeObject BatchBase_Type = {
 typedef struct {
     PyObject_HEAD
     PyObject *batch;        /* the open Batch, or None */
-    PyObject *batch_type;   /* packing.Batch */
+    PyObject *batch_type;   /* batch.Batch */
     PyObject *sealed;       /* list of complete batches not yet posted */
     PyObject *ready_slab;   /* a pooled slab for the next batch (the flusher keeps one), or None */
     PyObject *task_id;      /* the running task's id, or None */
+    PyObject *check_value;  /* the sink's check, or None: take only what the sink accepts */
     PyObject *error;        /* what stopped the flusher, or None */
     PyObject *pool;
     PyObject *lock_acquire, *lock_release, *wake_release;  /* bound methods */
     Py_ssize_t step;        /* publications of the running task so far */
-    char sink_checks;       /* a sink checks values: take only what it surely accepts */
     double last_add, wakes_at, next_abort_poll;
 } SenderBase;
 
 static int sender_traverse(SenderBase *self, visitproc visit, void *arg) {
     Py_VISIT(self->batch); Py_VISIT(self->batch_type); Py_VISIT(self->sealed);
-    Py_VISIT(self->ready_slab); Py_VISIT(self->task_id); Py_VISIT(self->error);
+    Py_VISIT(self->ready_slab); Py_VISIT(self->task_id); Py_VISIT(self->check_value);
+    Py_VISIT(self->error);
     Py_VISIT(self->pool); Py_VISIT(self->lock_acquire); Py_VISIT(self->lock_release);
     Py_VISIT(self->wake_release);
     return 0;
@@ -141,7 +151,8 @@ static int sender_traverse(SenderBase *self, visitproc visit, void *arg) {
 
 static int sender_clear(SenderBase *self) {
     Py_CLEAR(self->batch); Py_CLEAR(self->batch_type); Py_CLEAR(self->sealed);
-    Py_CLEAR(self->ready_slab); Py_CLEAR(self->task_id); Py_CLEAR(self->error);
+    Py_CLEAR(self->ready_slab); Py_CLEAR(self->task_id); Py_CLEAR(self->check_value);
+    Py_CLEAR(self->error);
     Py_CLEAR(self->pool); Py_CLEAR(self->lock_acquire); Py_CLEAR(self->lock_release);
     Py_CLEAR(self->wake_release);
     return 0;
@@ -179,24 +190,28 @@ static void release_items(Item *items, int n) {
     }
 }
 
-/* Pass 1, before the lock: is every item plain? Fills items (holding array views); returns
- * the count, or -1 when the Python path must take the call (nothing held then). */
-/* With a sink on, is this plain value one that layout.check_value surely accepts? (Stricter
- * is fine: what is refused here goes to Python, which accepts it or raises the error.) */
+/* With a sink on, does the sink's table (mpipub/sink/rules.py) surely accept this plain
+ * value? (Stricter is fine: what is refused here goes to Python, whose layout.check_value
+ * reads the same table and accepts it or names the problem.) */
 static int sink_accepts_value(PyObject *v) {
     PyTypeObject *tv = Py_TYPE(v);
-    if (v == Py_None) return 0;
+    int stored = 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(sink_scalar_types); i++)
+        stored |= (PyObject *)tv == PyTuple_GET_ITEM(sink_scalar_types, i);
+    if (!stored) return 0;  /* (None, for one) */
     if (tv == &PyLong_Type) {
         int overflow = 0;
         long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
         if (x == -1 && PyErr_Occurred()) { PyErr_Clear(); return 0; }
-        return !overflow;  /* 64-bit range */
+        return !overflow;  /* INT_MIN..INT_MAX: the 64-bit range (read_contract checks) */
     }
     if (tv == &PyUnicode_Type) {
         Py_ssize_t len;
         const char *u = PyUnicode_AsUTF8AndSize(v, &len);
         if (u == NULL) { PyErr_Clear(); return 0; }  /* not valid unicode */
-        return memchr(u, 0, (size_t)len) == NULL;    /* no NUL */
+        for (Py_ssize_t i = 0; i < sink_str_forbidden_len; i++)
+            if (memchr(u, sink_str_forbidden[i], (size_t)len) != NULL) return 0;
+        return 1;
     }
     return 1;  /* float, bool, complex, bytes */
 }
@@ -204,10 +219,25 @@ static int sink_accepts_value(PyObject *v) {
 static int sink_accepts_dtype(PyObject *dts) {
     /* dtype.str is byte order, kind, size ("<f8", "|S5"); fields were ruled out already */
     Py_UCS4 kind = PyUnicode_READ_CHAR(dts, 1);
-    return kind < 128 && strchr("biufcS", (int)kind) != NULL;
+    return kind != 0 && kind < 128 && strchr(sink_array_kinds, (int)kind) != NULL;
 }
 
-static int scan(PyObject *data, int copy, int sink_checks, Item *items, int *slab_items,
+/* numpy.ndarray once numpy is imported (this module never imports it: engines start without
+ * it); 1 when known. */
+static int find_ndarray(void) {
+    if (ndarray_type != NULL) return 1;
+    PyObject *np = PyImport_GetModule(str_numpy);  /* (sys.modules only) */
+    if (np == NULL) { PyErr_Clear(); return 0; }
+    PyObject *nd = PyObject_GetAttr(np, str_ndarray);
+    Py_DECREF(np);
+    if (nd == NULL || !PyType_Check(nd)) { Py_XDECREF(nd); PyErr_Clear(); return 0; }
+    ndarray_type = nd;
+    return 1;
+}
+
+/* Pass 1, before the lock: is every item plain? Fills items (holding array views); returns
+ * the count, or -1 when the Python path must take the call (nothing held then). */
+static int scan(PyObject *data, int copy, int sink_on, Item *items, int *slab_items,
                 Py_ssize_t *pub_bytes) {
     PyObject *k, *v;
     Py_ssize_t pos = 0;
@@ -223,16 +253,18 @@ static int scan(PyObject *data, int copy, int sink_checks, Item *items, int *sla
         if (tv == &PyLong_Type || tv == &PyFloat_Type || tv == &PyBool_Type ||
             tv == &PyUnicode_Type || tv == &PyBytes_Type || v == Py_None ||
             tv == &PyComplex_Type) {
-            if (sink_checks && !sink_accepts_value(v)) goto bail;
+            if (sink_on && !sink_accepts_value(v)) goto bail;
         } else {
-            if ((PyObject *)tv != ndarray_type) goto bail;
+            if ((PyObject *)tv != ndarray_type && (!find_ndarray() ||
+                                                   (PyObject *)tv != ndarray_type))
+                goto bail;
             PyObject *dt = PyObject_GetAttr(v, str_dtype);
             if (dt == NULL) { PyErr_Clear(); goto bail; }
             PyObject *dts = PyDict_GetItemWithError(plain_dtypes, dt);  /* borrowed */
             Py_DECREF(dt);
             if (dts == NULL) { PyErr_Clear(); goto bail; }  /* not seen yet: Python caches it */
             if (!PyUnicode_Check(dts) || PyUnicode_GET_LENGTH(dts) < 2) goto bail;
-            if (sink_checks && !sink_accepts_dtype(dts)) goto bail;
+            if (sink_on && !sink_accepts_dtype(dts)) goto bail;
             if (PyObject_GetBuffer(v, &it->view, PyBUF_C_CONTIGUOUS) < 0) {
                 PyErr_Clear();
                 goto bail;
@@ -310,7 +342,7 @@ static int add(SenderBase *self, Item *items, int n, int slab_items,
     int have_ready = self->ready_slab != NULL && self->ready_slab != Py_None;
     if (!new_batch && !PyObject_TypeCheck((PyObject *)b, &BatchBase_Type)) return 0;
     /* Sealing a batch while the flusher has not posted the last one: then the caller posts
-     * both (Sender.publish), and that is Python's, with signals deferred meanwhile
+     * both (Sender.add), and that is Python's, with signals deferred meanwhile
      * (Engine.publish; a Ctrl-C between a header and its buffers would leave the client
      * waiting for buffers that never come). */
     if (PyList_GET_SIZE(self->sealed) > 0) {
@@ -424,14 +456,15 @@ error:
  * changed), -1 error. */
 static int try_publish(SenderBase *self, PyObject *data, int copy) {
     if (!PyDict_CheckExact(data) || (self->error != NULL && self->error != Py_None) ||
-        self->task_id == NULL || self->task_id == Py_None || slab_item_max < 0)
+        self->task_id == NULL || self->task_id == Py_None)
         return 0;
     double t = now_s();
     if (t >= self->next_abort_poll) return 0;
     Item items[MAX_ITEMS];
     int slab_items = 0;
     Py_ssize_t pub_bytes = 0;
-    int n = scan(data, copy, self->sink_checks, items, &slab_items, &pub_bytes);
+    int sink_on = self->check_value != NULL && self->check_value != Py_None;
+    int n = scan(data, copy, sink_on, items, &slab_items, &pub_bytes);
     if (n < 0) return 0;
     int got = lock_try(self);
     if (got <= 0) {
@@ -464,10 +497,9 @@ static int try_publish(SenderBase *self, PyObject *data, int copy) {
     return 1;
 }
 
-static PyObject *sender_fast_publish(SenderBase *self, PyObject *const *args,
-                                     Py_ssize_t nargs) {
+static PyObject *sender_fast_add(SenderBase *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs < 1 || nargs > 2) {
-        PyErr_SetString(PyExc_TypeError, "fast_publish(data, copy=True)");
+        PyErr_SetString(PyExc_TypeError, "fast_add(data, copy=True)");
         return NULL;
     }
     int copy = nargs < 2 || PyObject_IsTrue(args[1]);
@@ -478,10 +510,10 @@ static PyObject *sender_fast_publish(SenderBase *self, PyObject *const *args,
 }
 
 static PyMethodDef sender_methods[] = {
-    {"fast_publish", (PyCFunction)(void (*)(void))sender_fast_publish, METH_FASTCALL,
-     "fast_publish(data, copy=True) -> bool: publish ``data`` if it is plain (see the "
-     "module's doc); "
-     "False, with nothing changed, when the Python path must take it."},
+    {"fast_add", (PyCFunction)(void (*)(void))sender_fast_add, METH_FASTCALL,
+     "fast_add(data, copy=True) -> bool: what publish_data's C path does with ``data`` "
+     "(add it to the open batch if it is plain, see the module's doc); False, with nothing "
+     "changed, when the Python path must take it."},
     {NULL}};
 
 static PyMemberDef sender_members[] = {
@@ -490,13 +522,13 @@ static PyMemberDef sender_members[] = {
     {"sealed", T_OBJECT, offsetof(SenderBase, sealed), 0, NULL},
     {"ready_slab", T_OBJECT, offsetof(SenderBase, ready_slab), 0, NULL},
     {"task_id", T_OBJECT, offsetof(SenderBase, task_id), 0, NULL},
+    {"check_value", T_OBJECT, offsetof(SenderBase, check_value), 0, NULL},
     {"error", T_OBJECT, offsetof(SenderBase, error), 0, NULL},
     {"pool", T_OBJECT, offsetof(SenderBase, pool), 0, NULL},
     {"_lock_acquire", T_OBJECT, offsetof(SenderBase, lock_acquire), 0, NULL},
     {"_lock_release", T_OBJECT, offsetof(SenderBase, lock_release), 0, NULL},
     {"_wake_release", T_OBJECT, offsetof(SenderBase, wake_release), 0, NULL},
     {"step", T_PYSSIZET, offsetof(SenderBase, step), 0, NULL},
-    {"sink_checks", T_BOOL, offsetof(SenderBase, sink_checks), 0, NULL},
     {"last_add", T_DOUBLE, offsetof(SenderBase, last_add), 0, NULL},
     {"wakes_at", T_DOUBLE, offsetof(SenderBase, wakes_at), 0, NULL},
     {"next_abort_poll", T_DOUBLE, offsetof(SenderBase, next_abort_poll), 0, NULL},
@@ -505,7 +537,7 @@ static PyMemberDef sender_members[] = {
 static PyTypeObject SenderBase_Type = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "mpipub.engine._fastpub.SenderBase",
-    .tp_doc = "The fields of sender.Sender that the C publish path reads and writes.",
+    .tp_doc = "The fields of sender.Sender (contract.SENDER_FIELDS) that the C publish path reads and writes.",
     .tp_basicsize = sizeof(SenderBase),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,
@@ -519,14 +551,20 @@ static PyTypeObject SenderBase_Type = {
 /* ---------------------------------------------------------------- Publisher */
 /* The public publish_data when this module is built: a C callable that tries the C path
  * first and calls the Python publish_data (datapub.py, its ``fallback``) for everything else.
- * Why not a Python function calling fast_publish: after a pause (a simulation's compute
+ * Why not a Python function calling fast_add: after a pause (a simulation's compute
  * phase) that one Python frame cost more than the C path itself (docs/benchmarks.md,
  * row 3). It looks like the Python function (functools.update_wrapper: __doc__, __name__,
  * __wrapped__ for inspect.signature) and pickles by reference, as the function does. */
-static PyObject *current_sender;  /* the running task's sender (SenderBase), or NULL */
-static unsigned long current_thread;  /* the thread that runs the task (set_current's caller):
-                                       * other threads take the Python path, which tells a
-                                       * thread that outlived its task from one of this task */
+/* The engine serving in this process: the one pointer to it. Python reads it through
+ * loop.current_engine() (current()), the C path through current_sender; loop sets it for as
+ * long as the engine serves (set_current). The per-task state the C path needs (task id,
+ * step, abort poll deadline, sink check) lives on that engine's sender. */
+static PyObject *current_engine;  /* the engine (loop.Engine), or NULL */
+static PyObject *current_sender;  /* current_engine.sender (a SenderBase), or NULL */
+static unsigned long current_thread;  /* the thread that serves, and runs tasks (set_current's
+                                       * caller): other threads take the Python path, which
+                                       * tells a thread that outlived its task from one of
+                                       * this task */
 static PyObject *str_copy;
 
 typedef struct {
@@ -632,51 +670,212 @@ static PyTypeObject Publisher_Type = {
     .tp_getset = publisher_getset,
 };
 
-/* set_current(sender or None): which sender publish_data's C path publishes through */
-static PyObject *set_current(PyObject *mod, PyObject *sender) {
-    if (sender == Py_None) {
+/* set_current(engine or None): the engine serving in this process; the C path publishes
+ * through its ``sender`` */
+static PyObject *set_current(PyObject *mod, PyObject *engine) {
+    if (engine == Py_None) {
         Py_CLEAR(current_sender);
+        Py_CLEAR(current_engine);
         Py_RETURN_NONE;
     }
+    PyObject *sender = PyObject_GetAttrString(engine, "sender");
+    if (sender == NULL) return NULL;
     if (!PyObject_TypeCheck(sender, &SenderBase_Type)) {
-        PyErr_SetString(PyExc_TypeError, "set_current() takes a SenderBase or None");
+        Py_DECREF(sender);
+        PyErr_SetString(PyExc_TypeError, "set_current(engine): engine.sender is not a SenderBase");
         return NULL;
     }
-    Py_INCREF(sender);
+    Py_INCREF(engine);
+    Py_XSETREF(current_engine, engine);
     Py_XSETREF(current_sender, sender);
     current_thread = PyThread_get_thread_ident();
     Py_RETURN_NONE;
 }
 
 static PyObject *get_current(PyObject *mod, PyObject *unused) {
-    PyObject *s = current_sender != NULL ? current_sender : Py_None;
-    Py_INCREF(s);
-    return s;
+    PyObject *e = current_engine != NULL ? current_engine : Py_None;
+    Py_INCREF(e);
+    return e;
 }
 
-/* ---------------------------------------------------------------- module */
-static PyObject *configure(PyObject *mod, PyObject *args, PyObject *kw) {
-    static char *names[] = {"ndarray", "plain_dtypes", "slab_item_max", "slab_bytes", "align",
-                            "zero_copy_min", "batch_bytes", "batch_pubs", "max_age_s",
-                            "wake_slack_s", "value_code", "array_code", NULL};
-    PyObject *nd, *pd;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!nnnnnnddll", names, &PyType_Type, &nd,
-                                     &PyDict_Type, &pd, &slab_item_max, &slab_bytes, &align,
-                                     &zero_copy_min, &batch_bytes, &batch_pubs, &max_age_s,
-                                     &wake_slack_s, &code_value, &code_array))
-        return NULL;
-    Py_INCREF(nd); Py_XSETREF(ndarray_type, nd);
+/* ---------------------------------------------------------------- the contract */
+static int read_ssize(PyObject *c, const char *name, Py_ssize_t *out) {
+    PyObject *v = PyObject_GetAttrString(c, name);
+    if (v == NULL) return -1;
+    Py_ssize_t x = PyLong_AsSsize_t(v);
+    Py_DECREF(v);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    if (x <= 0) {
+        PyErr_Format(PyExc_RuntimeError, "mpipub/engine/contract.py: %s must be > 0", name);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+static int read_double(PyObject *c, const char *name, double *out) {
+    PyObject *v = PyObject_GetAttrString(c, name);
+    if (v == NULL) return -1;
+    double x = PyFloat_AsDouble(v);
+    Py_DECREF(v);
+    if (x == -1.0 && PyErr_Occurred()) return -1;
+    *out = x;
+    return 0;
+}
+
+static int read_long(PyObject *c, const char *name, long *out) {
+    PyObject *v = PyObject_GetAttrString(c, name);
+    if (v == NULL) return -1;
+    long x = PyLong_AsLong(v);
+    Py_DECREF(v);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    *out = x;
+    return 0;
+}
+
+/* An ASCII str attribute into buf (NUL-terminated; its length in *out_len). */
+static int read_ascii(PyObject *c, const char *name, char *buf, size_t size,
+                      Py_ssize_t *out_len) {
+    PyObject *v = PyObject_GetAttrString(c, name);
+    if (v == NULL) return -1;
+    Py_ssize_t len;
+    const char *u = PyUnicode_Check(v) ? PyUnicode_AsUTF8AndSize(v, &len) : NULL;
+    if (u == NULL || (size_t)len >= size || !PyUnicode_IS_ASCII(v)) {
+        Py_DECREF(v);
+        PyErr_Clear();
+        PyErr_Format(PyExc_RuntimeError, "mpipub/sink/rules.py: %s must be an ASCII str of "
+                     "fewer than %zu characters for the C path", name, size);
+        return -1;
+    }
+    memset(buf, 0, size);
+    memcpy(buf, u, (size_t)len);
+    *out_len = len;
+    Py_DECREF(v);
+    return 0;
+}
+
+static const char *member_kind(int type) {
+    switch (type) {
+    case T_OBJECT: return "object";
+    case T_PYSSIZET: return "ssize";
+    case T_DOUBLE: return "double";
+    case T_BOOL: return "bool";
+    default: return "?";
+    }
+}
+
+/* The C struct's members are exactly the contract's ``decl`` fields, in order and kind. */
+static int check_fields(PyObject *c, const char *decl, const char *type_name,
+                        PyMemberDef *members) {
+    PyObject *fields = PyObject_GetAttrString(c, decl);
+    if (fields == NULL) return -1;
+    PyObject *seq = PySequence_Fast(fields, "contract fields must be a sequence");
+    Py_DECREF(fields);
+    if (seq == NULL) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), i = 0;
+    int bad = 0;
+    const char *c_name = "(none)", *c_kind = "", *py_name = "(none)", *py_kind = "";
+    for (;; i++) {
+        int have_c = members[i].name != NULL, have_py = i < n;
+        if (!have_c && !have_py) break;
+        c_name = have_c ? members[i].name : "(none)";
+        c_kind = have_c ? member_kind(members[i].type) : "";
+        py_name = "(none)";
+        py_kind = "";
+        if (have_py) {
+            PyObject *f = PySequence_Fast_GET_ITEM(seq, i);
+            if (!PyArg_ParseTuple(f, "ss", &py_name, &py_kind)) {
+                Py_DECREF(seq);
+                return -1;
+            }
+        }
+        if (!have_c || !have_py || strcmp(c_name, py_name) != 0 || strcmp(c_kind, py_kind) != 0) {
+            bad = 1;
+            break;
+        }
+    }
+    if (bad)
+        PyErr_Format(PyExc_RuntimeError,
+                     "mpipub.engine._fastpub does not match mpipub/engine/contract.py: %s's field "
+                     "%zd is %s %s in C but %s %s in %s; rebuild the extension from the same "
+                     "sources (pip install -e .), or make _fastpub.c and the contract agree",
+                     type_name, i, c_name, c_kind, py_name, py_kind, decl);
+    Py_DECREF(seq);
+    return bad ? -1 : 0;
+}
+
+/* Read every constant and accepted value from mpipub/engine/contract.py (at import, and
+ * again when a test changed one). */
+static int read_contract_into_globals(void) {
+    PyObject *c = PyImport_ImportModule("mpipub.engine.contract");
+    if (c == NULL) return -1;
+    PyObject *rules = NULL, *pd = NULL, *types = NULL, *lo = NULL, *hi = NULL;
+    int r = -1;
+    if (read_ssize(c, "SLAB_ITEM_MAX", &slab_item_max) < 0 ||
+        read_ssize(c, "SLAB_BYTES", &slab_bytes) < 0 || read_ssize(c, "ALIGN", &align) < 0 ||
+        read_ssize(c, "ZERO_COPY_MIN", &zero_copy_min) < 0 ||
+        read_ssize(c, "BATCH_BYTES", &batch_bytes) < 0 ||
+        read_ssize(c, "BATCH_PUBS", &batch_pubs) < 0 ||
+        read_double(c, "MAX_AGE_S", &max_age_s) < 0 ||
+        read_double(c, "WAKE_SLACK_S", &wake_slack_s) < 0 ||
+        read_long(c, "VALUE_CODE", &code_value) < 0 || read_long(c, "ARRAY_CODE", &code_array) < 0 ||
+        check_fields(c, "BATCH_FIELDS", "BatchBase", batch_members) < 0 ||
+        check_fields(c, "SENDER_FIELDS", "SenderBase", sender_members) < 0)
+        goto done;
+    pd = PyObject_GetAttrString(c, "PLAIN_DTYPES");
+    if (pd == NULL) goto done;
+    if (!PyDict_CheckExact(pd)) {
+        PyErr_SetString(PyExc_RuntimeError, "mpipub/engine/contract.py: PLAIN_DTYPES is a dict");
+        goto done;
+    }
+    rules = PyObject_GetAttrString(c, "SINK_RULES");
+    Py_ssize_t kinds_len;
+    if (rules == NULL || read_ascii(rules, "ARRAY_KINDS", sink_array_kinds,
+                                    sizeof sink_array_kinds, &kinds_len) < 0 ||
+        read_ascii(rules, "STR_FORBIDDEN", sink_str_forbidden, sizeof sink_str_forbidden,
+                   &sink_str_forbidden_len) < 0)
+        goto done;
+    types = PyObject_GetAttrString(rules, "SCALAR_TYPES");
+    lo = PyObject_GetAttrString(rules, "INT_MIN");
+    hi = PyObject_GetAttrString(rules, "INT_MAX");
+    if (types == NULL || lo == NULL || hi == NULL) goto done;
+    if (!PyTuple_CheckExact(types)) {
+        PyErr_SetString(PyExc_RuntimeError, "mpipub/sink/rules.py: SCALAR_TYPES is a tuple");
+        goto done;
+    }
+    int overflow_lo = 0, overflow_hi = 0;
+    long long l = PyLong_AsLongLongAndOverflow(lo, &overflow_lo);
+    long long h = PyLong_AsLongLongAndOverflow(hi, &overflow_hi);
+    if (PyErr_Occurred()) goto done;
+    if (overflow_lo || overflow_hi || l != LLONG_MIN || h != LLONG_MAX) {
+        PyErr_SetString(PyExc_RuntimeError, "mpipub/sink/rules.py: the C path checks ints "
+                        "against the 64-bit range; INT_MIN/INT_MAX say otherwise");
+        goto done;
+    }
     Py_INCREF(pd); Py_XSETREF(plain_dtypes, pd);
+    Py_INCREF(types); Py_XSETREF(sink_scalar_types, types);
+    r = 0;
+done:
+    Py_XDECREF(types); Py_XDECREF(lo); Py_XDECREF(hi);
+    Py_XDECREF(rules); Py_XDECREF(pd);
+    Py_DECREF(c);
+    return r;
+}
+
+static PyObject *read_contract(PyObject *mod, PyObject *unused) {
+    if (read_contract_into_globals() < 0) return NULL;
     Py_RETURN_NONE;
 }
 
 static PyMethodDef module_methods[] = {
-    {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
-     "Set the constants and objects the fast path shares with packing.py and sender.py."},
+    {"read_contract", (PyCFunction)read_contract, METH_NOARGS,
+     "read_contract(): read the constants and accepted values from mpipub/engine/contract.py "
+     "again (done at import; tests that change one call it)."},
     {"set_current", (PyCFunction)set_current, METH_O,
-     "set_current(sender or None): the sender that Publisher calls publish through."},
+     "set_current(engine or None): the engine serving in this process; publish_data's C path "
+     "publishes through engine.sender, from the calling thread only."},
     {"current", (PyCFunction)get_current, METH_NOARGS,
-     "current() -> the sender set by set_current, or None."},
+     "current() -> the engine set by set_current, or None (loop.current_engine())."},
     {NULL}};
 
 static struct PyModuleDef module_def = {
@@ -691,7 +890,11 @@ PyMODINIT_FUNC PyInit__fastpub(void) {
     str_shape = PyUnicode_InternFromString("shape");
     str_take = PyUnicode_InternFromString("take");
     str_copy = PyUnicode_InternFromString("copy");
-    if (!str_dtype || !str_shape || !str_take || !str_copy) return NULL;
+    str_numpy = PyUnicode_InternFromString("numpy");
+    str_ndarray = PyUnicode_InternFromString("ndarray");
+    if (!str_dtype || !str_shape || !str_take || !str_copy || !str_numpy || !str_ndarray)
+        return NULL;
+    if (read_contract_into_globals() < 0) return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL) return NULL;
     Py_INCREF(&BatchBase_Type);

@@ -2,7 +2,8 @@
 message (the format: ``mpipub.transport.packing``).
 
 ``Batch.add`` is the Python path; where ``_fastpub`` is built, its ``BatchBase`` holds the
-fields and ``Sender.fast_publish`` appends exactly what ``add`` would for plain publications.
+fields and the C path appends exactly what ``add`` would for plain publications. The
+constants and fields both share are declared in ``contract.py``.
 """
 
 from __future__ import annotations
@@ -11,16 +12,8 @@ import pickle
 
 from .. import config
 from ..transport.packing import ARRAY, PICKLED, VALUE
-
-#: Arrays (and out-of-band pickle buffers) up to this size are copied into a shared slab;
-#: larger ones get a buffer of their own.
-SLAB_ITEM_MAX = 256 << 10
-SLAB_BYTES = 1 << 20
-#: ``copy=False`` sends arrays from their own memory only from this size: below it a copy
-#: into a pooled buffer is faster end to end, because the copy stays in cache until the
-#: client reads it (docs/benchmarks.md, "Why the constants are what they are").
-ZERO_COPY_MIN = 4 << 20
-ALIGN = 64  # slab offsets: arrays rebuilt on the client are aligned for SIMD loads
+from . import contract
+from .contract import ALIGN, SLAB_BYTES, SLAB_ITEM_MAX, ZERO_COPY_MIN
 
 #: Values that cannot change after the call, so they may be pickled later with the batch.
 _IMMUTABLE = frozenset({int, float, bool, complex, str, bytes, type(None)})
@@ -43,7 +36,7 @@ class ValueNotSendable(Exception):
         self.exc = exc
 
 
-_plain_dtypes: dict = {}  # dtype -> its str, or "" when it must be pickled
+_plain_dtypes = contract.PLAIN_DTYPES  # dtype -> its str, or "" when it must be pickled
 
 
 def _plain_dtype_str(dt) -> str:
@@ -61,10 +54,10 @@ def _np():
 
 
 class _BatchFields:
-    """packing.Batch's fields, where the C publish path (_fastpub.BatchBase) is not built."""
+    """Batch's fields (contract.BATCH_FIELDS), where the C publish path (_fastpub.BatchBase)
+    is not built."""
 
-    __slots__ = ("task_id", "pubs", "recycle", "nbytes", "first_t", "_bufs", "_slab",
-                 "_slab_mv", "_slab_index", "_slab_off", "_pool")
+    __slots__ = tuple(name for name, _ in contract.BATCH_FIELDS)
 
     def __init__(self, task_id: int, pool):
         self.task_id = task_id

@@ -70,20 +70,22 @@ def publish_data(data: Mapping[str, Any], *, copy: bool = True) -> None:
         # (run_task marks the threads it leaves running under this lock)
         with eng.thread_lock:
             eng.check_publishing_thread()  # (a thread that outlived its task is refused)
-            _publish(eng, data, copy)
+            _checked_add(eng, data, copy)
         return
-    _publish(eng, data, copy)
+    _checked_add(eng, data, copy)
 
 
-def _publish(eng, data, copy: bool) -> None:
-    if eng is None or eng.task_id is None:
+def _checked_add(eng, data, copy: bool) -> None:
+    """Check ``data`` (a task runs, a mapping, the sink accepts it) and hand it to
+    ``Engine.publish``, naming the key that is wrong."""
+    if eng is None or eng.sender.task_id is None:
         raise _not_in_task_error()
     if type(data) is not dict:
         if not isinstance(data, Mapping):
             raise PublishError(f"publish_data() takes a dict of name -> value, got "
                                f"{type(data).__name__} ({_where(eng)})")
         data = dict(data)
-    checker = eng.check_value
+    checker = eng.sender.check_value
     if checker is not None:
         for key, value in data.items():
             if not isinstance(key, str):
@@ -104,8 +106,8 @@ def _publish(eng, data, copy: bool) -> None:
 
 
 if fastpub is not None:
-    # the C path first (the running task's sender, _fastpub.set_current), this function for
-    # everything it does not take; it looks and pickles like this function
+    # the C path first (through current_engine()'s sender, _fastpub.set_current), this
+    # function for everything it does not take; it looks and pickles like this function
     publish_data = functools.update_wrapper(fastpub.Publisher(publish_data), publish_data)
 
 
@@ -115,7 +117,7 @@ def _key_error(key, eng) -> PublishError:
 
 
 def _where(eng) -> str:
-    return f"engine {eng.rank}, task {eng.task_id}, step {eng.step}"
+    return f"engine {eng.rank}, task {eng.sender.task_id}, step {eng.sender.step}"
 
 
 def engine_comm():

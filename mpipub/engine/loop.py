@@ -25,6 +25,7 @@ from ..errors import MpipubError, TaskAborted
 from ..transport import wire
 from ..transport.comm import CLIENT_RANK, TAG_CBUF, TAG_CTRL, World
 from ..transport.polling import Backoff
+from .batch import fastpub
 from .sender import Sender
 
 #: Idle polling: first sleep, growth factor and longest sleep (seconds). The longest sleep
@@ -50,15 +51,31 @@ ABORT_POLL_S = 0.05
 #: (seconds) takes the client for gone and leaves, once its task has returned.
 TERM_DEADLINE_S = 10.0
 
-_current: Engine | None = None
+# The engine serving in this process, kept in one place: where _fastpub is built, in C, where
+# publish_data's C path reads it (and its sender) on every call; else here.
+if fastpub is not None:
+    _get_current, _set_current = fastpub.current, fastpub.set_current
+else:
+    _current: list = [None]
+
+    def _get_current():
+        return _current[0]
+
+    def _set_current(engine) -> None:
+        _current[0] = engine
+
+
+def current_engine() -> Engine | None:
+    """The engine serving in this process, or None (on rank 0 or outside mpipub). The running
+    task's publishing state is its ``sender``'s (task id, step, abort poll, sink check):
+    publish_data (both paths) and the loop reach it through here."""
+    return _get_current()
 
 
 def fast_path_on() -> bool:
-    """Whether publish_data takes the C path now (sender.Sender.start_fast_path): during a
-    task, once numpy is imported, where _fastpub is built and can take the task's data."""
-    from .batch import fastpub
-
-    return fastpub is not None and fastpub.current() is not None
+    """Whether publish_data takes the C path in this process now: where _fastpub is built
+    (and MPIPUB_PURE_PYTHON is not set), while an engine serves."""
+    return fastpub is not None and _get_current() is not None
 
 
 def serve_and_exit(world: World) -> None:
@@ -71,11 +88,6 @@ def serve_and_exit(world: World) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     sys.exit(0)
-
-
-def current_engine() -> Engine | None:
-    """The engine running in this process, or None (on rank 0 or outside mpipub)."""
-    return _current
 
 
 class _ForwardedStream(io.TextIOBase):
@@ -137,7 +149,6 @@ class Engine:
                              max_count=max_outstanding_count)
         self.namespace: dict = {"__name__": "__mpipub_engine__", "__builtins__": builtins}
         self.task_options: dict = {}
-        self.check_value = None  # the sink's check of published values, when one is on
         self.busy = False
         self.busy_since_start = False  # the running task's function has been called
         self.aborted: dict[int, str | None] = {}  # task id -> reason
@@ -155,28 +166,11 @@ class Engine:
         self.stray_threads: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.thread_lock = threading.Lock()  # held by other threads' publish_data calls
 
-    # The running task and its publications so far live on the sender, where its C publish
-    # path (sender.Sender.start_fast_path) counts them too.
-    @property
-    def task_id(self) -> int | None:
-        return self.sender.task_id
-
-    @task_id.setter
-    def task_id(self, value: int | None) -> None:
-        self.sender.task_id = value
-
-    @property
-    def step(self) -> int:
-        return self.sender.step
-
-    @step.setter
-    def step(self, value: int) -> None:
-        self.sender.step = value
-
     # -- sending ------------------------------------------------------------------------------
     def publish(self, data, copy: bool) -> None:
-        """One publish_data call: read aborts now and then, then hand ``data`` to the sender.
-        Raises batch.ValueNotSendable for a value that cannot be serialised."""
+        """publish_data's Python path (what the C path does not take): read aborts now and
+        then, then add ``data`` to the sender's open batch as the task's next step, with
+        signals deferred meanwhile. Raises batch.KeyNotStr or batch.ValueNotSendable."""
         sender = self.sender
         t = time.time()
         if t >= sender.next_abort_poll:
@@ -184,13 +178,9 @@ class Engine:
             self.poll_aborts()
         self.sending = True
         try:
-            sender.publish(sender.task_id, sender.step, t, data, copy)
-            sender.step += 1
+            sender.add(t, data, copy)
         finally:
             self.sending = False
-        if not sender.fast_on and self.busy and (
-                self.check_value is None or sender.sink_checks):
-            sender.start_fast_path()  # (once numpy is imported)
         if self.deferred_signal is not None:
             self._raise_deferred()
 
@@ -201,7 +191,7 @@ class Engine:
         waits for them forever) or a send whose memory Python frees while MPI reads it."""
         self.sending = True
         try:
-            self.sender.send(kind, self.task_id or 0, step, obj, dumps, copy)
+            self.sender.send(kind, self.sender.task_id or 0, step, obj, dumps, copy)
         finally:
             self.sending = False
         if self.deferred_signal is not None:
@@ -246,7 +236,8 @@ class Engine:
         missed those still behind unread tasks)."""
         while (m := self._recv(TAG_CTRL)) is not None:
             if m.kind == wire.ABORT:
-                if self.task_id is None or m.task_id >= self.task_id:  # (else: already done)
+                task_id = self.sender.task_id
+                if task_id is None or m.task_id >= task_id:  # (else: already done)
                     self.aborted[m.task_id] = m.decode()
             else:
                 self.inbox.append(m)
@@ -254,17 +245,16 @@ class Engine:
     def poll_aborts(self) -> None:
         """Read control messages; raise TaskAborted if the running task was aborted."""
         self.recv_ctrl()
-        if self.task_id is not None and self.task_id in self.aborted:
-            why = self.aborted[self.task_id] or "by the client (AsyncResult.abort())"
-            when = (f"after {self.step} publications" if self.busy_since_start else
+        task_id = self.sender.task_id
+        if task_id is not None and task_id in self.aborted:
+            why = self.aborted[task_id] or "by the client (AsyncResult.abort())"
+            when = (f"after {self.sender.step} publications" if self.busy_since_start else
                     "before it started")
-            raise TaskAborted(f"task {self.task_id} was aborted {why} on engine {self.rank} "
-                              f"{when}")
+            raise TaskAborted(f"task {task_id} was aborted {why} on engine {self.rank} {when}")
 
     def serve(self) -> None:
         """Run tasks until the client says stop."""
-        global _current
-        _current = self
+        _set_current(self)  # (publish_data's C path publishes from this thread only)
         _announce_deaths(self)
         old = {sig: signal.signal(sig, self._on_signal)
                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
@@ -292,12 +282,12 @@ class Engine:
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
-            _current = None
+            _set_current(None)
             self.sender.close()
 
     def _leave_after_sigterm(self) -> None:
         """SIGTERM and no stop from the client within TERM_DEADLINE_S: it is gone or cannot
-        reach us. Say so (which engine, which task went on running) and say goodbye, posted
+        reach us. Say so (which engine, which task ran at SIGTERM) and say goodbye, posted
         without waiting for it (the client may be gone), so a client that is still there
         neither waits for this engine at its end nor sends it tasks."""
         waited = time.monotonic() - (self.terminating_since or 0.0)
@@ -314,22 +304,21 @@ class Engine:
         flushed sink) on rank 0."""
         if signum == signal.SIGTERM:
             self.terminating_since = time.monotonic()
-            if self.task_id is not None:
-                self.terminated_during = f"task {self.task_id} ({self.task_label})"
+            if (task_id := self.sender.task_id) is not None:
+                self.terminated_during = f"task {task_id} ({self.task_label})"
         if self.sending and self.busy:
             self.deferred_signal = signum  # raised by post() once the sends are posted
             return
         if self.busy:
             self.busy = False  # a second signal while unwinding is ignored
             if signum != signal.SIGINT:
-                raise TaskAborted(f"task {self.task_id} on engine {self.rank} got "
+                raise TaskAborted(f"task {self.sender.task_id} on engine {self.rank} got "
                                   f"{signal.Signals(signum).name}")
             raise KeyboardInterrupt
 
     # -- running a task ---------------------------------------------------------------------
     def run_task(self, m: wire.Message) -> None:
-        self.task_id = m.task_id
-        self.step = 0
+        self.sender.begin_task(m.task_id)
         self.aborted = {t: r for t, r in self.aborted.items() if t >= m.task_id}
         t0 = time.time()
         ok, value = True, None
@@ -341,10 +330,8 @@ class Engine:
             label = f"{getattr(fn, '__qualname__', None) or type(fn).__name__}()"
             self.task_label = label
             self.task_options = options or {}
-            self.check_value = self.task_options.get("check_value")
-            # the sink's check: the C path takes only values it surely accepts (_fastpub.c)
-            self.sender.sink_checks = bool(self.task_options.get("sink_checks"))
-            self.sender.next_abort_poll = 0.0
+            # the sink's check: the C path takes only values its table surely accepts
+            self.sender.check_value = self.task_options.get("check_value")
             fn = self._bind(fn)
             sys.stdout = _ForwardedStream(self, out, 1)
             sys.stderr = _ForwardedStream(self, err, 2)
@@ -358,7 +345,6 @@ class Engine:
             ok = False
             value = self._error_info(exc)
         finally:
-            self.sender.stop_fast_path()
             self.busy = False
             with self.thread_lock:  # (no other thread is inside publish_data now)
                 for th in set(threading.enumerate()) - threads_before:
@@ -375,16 +361,17 @@ class Engine:
             # every publication completes before the result is sent (and zero-copy arrays
             # are free for the caller again once the task has returned)
             self.sender.drain()
-            self.send(wire.RESULT, self.step, (ok, value, t0, t1), wire.cloudpickle().dumps)
+            self.send(wire.RESULT, self.sender.step, (ok, value, t0, t1),
+                      wire.cloudpickle().dumps)
         except Exception as exc:  # noqa: BLE001 - e.g. the result cannot be pickled
             info = self._error_info(exc)
             info = (info[0], f"the task's return value could not be sent to the client: {info[1]}",
                     info[2])
-            self.send(wire.RESULT, self.step, (False, info, t0, t1), wire.cloudpickle().dumps)
+            self.send(wire.RESULT, self.sender.step, (False, info, t0, t1),
+                      wire.cloudpickle().dumps)
         self.sender.drain()
-        self.task_id = None
+        self.sender.end_task()
         self.task_options = {}
-        self.check_value = None
 
     def _error_info(self, exc: BaseException) -> tuple[str, str, str]:
         tb_obj = exc.__traceback__
@@ -455,8 +442,8 @@ def _announce_deaths(engine: Engine) -> None:
 
     def _exit(code: int) -> None:
         if os.getpid() == pid:  # (not in a child this engine forked)
-            task = (f"task {engine.task_id} ({engine.task_label})"
-                    if engine.task_id is not None else "no task")
+            task_id = engine.sender.task_id
+            task = f"task {task_id} ({engine.task_label})" if task_id is not None else "no task"
             try:
                 sys.__stderr__.write(f"mpipub: engine {engine.rank} ({engine.host}) is exiting "
                                      f"with os._exit({code}) during {task}; the MPI launcher "

@@ -20,78 +20,58 @@ CPU).
 from __future__ import annotations
 
 import math
-import sys
 import threading
 import time
 
 from .. import config
 from ..errors import MpipubError
-from ..transport import packing, wire
+from ..transport import wire
 from ..transport.comm import CLIENT_RANK, TAG_BUF, TAG_MSG
-from . import batch
 from .batch import Batch, fastpub
 
-#: A batch is sent by the publishing thread once it holds this many bytes or publications,
-#: or is this old (seconds): bounds the client's staleness during a tight loop.
-BATCH_BYTES = 1 << 20
-BATCH_PUBS = 256
-MAX_AGE_S = 0.002
+# When the publishing thread seals a batch (BATCH_BYTES, BATCH_PUBS, MAX_AGE_S) and when a
+# publication wakes the flusher (WAKE_SLACK_S): shared with the C path, declared in contract.py.
+from .contract import BATCH_BYTES, BATCH_PUBS, MAX_AGE_S, SLAB_BYTES, WAKE_SLACK_S
+
 #: The flusher sends an open batch once nothing was added to it for this long (seconds).
 LINGER_S = config.get("MPIPUB_LINGER_S")
 #: The flusher tests outstanding sends (returning their buffers to the pool) with a sleep
 #: that doubles from _PROGRESS_MIN_S to _PROGRESS_MAX_S while none completes.
 _PROGRESS_MIN_S = 50e-6
 _PROGRESS_MAX_S = 1e-3
-#: A publication does not wake the flusher when it will look by itself within this long
-#: (seconds): waking a sleeping thread costs the caller more than half of a 64 KiB copy
+#: A publication does not wake the flusher when it will look by itself within WAKE_SLACK_S
 #: (docs/benchmarks.md, "Why the constants are what they are"). So a task that publishes at
 #: a steady pace is served by a timer: once idle, the flusher sleeps until the next step is
 #: due (the last interval between publications, plus LINGER_S and _EXPECT_LATE_S), and a
-#: step that comes within this window is posted then, up to this much later than a wake-up
-#: would post it.
-WAKE_SLACK_S = 0.5e-3
+#: step that comes within WAKE_SLACK_S of that is posted then, up to that much later than a
+#: wake-up would post it.
 _EXPECT_LATE_S = 0.25e-3
 _NEVER = -math.inf  # wakes_at of a flusher on a short timer: it looks by itself, never woken
 _IDLE = math.inf  # wakes_at of a flusher with nothing to watch (no timeout): always woken
 
 
-_fastpub_configured = False
-
-
-def configure_fastpub() -> bool:
-    """Hand ``_fastpub`` the constants it shares with packing.py and this module; False
-    while it cannot run (not built, or numpy not imported yet)."""
-    global _fastpub_configured
-    if not _fastpub_configured and fastpub is not None and "numpy" in sys.modules:
-        fastpub.configure(
-            ndarray=sys.modules["numpy"].ndarray, plain_dtypes=batch._plain_dtypes,
-            slab_item_max=batch.SLAB_ITEM_MAX, slab_bytes=batch.SLAB_BYTES,
-            align=batch.ALIGN, zero_copy_min=batch.ZERO_COPY_MIN, batch_bytes=BATCH_BYTES,
-            batch_pubs=BATCH_PUBS, max_age_s=MAX_AGE_S, wake_slack_s=WAKE_SLACK_S,
-            value_code=packing.VALUE, array_code=packing.ARRAY)
-        _fastpub_configured = True
-    return _fastpub_configured
-
-
 class Sender(object if fastpub is None else fastpub.SenderBase):  # type: ignore[misc]
-    """Owns the engine's outbox: the open batch, the flusher thread and the send lock.
+    """Owns the engine's outbox (the open batch, the flusher thread and the send lock) and
+    the running task's publishing state: ``task_id``, ``step`` (its publications so far),
+    ``next_abort_poll`` (from then on a publication reads abort requests, in the Python
+    path) and ``check_value`` (the sink's check, or None), set by ``begin_task``/``end_task``.
 
-    With ``_fastpub`` built, plain publications skip ``publish``: ``fast_publish`` (C) adds
-    them under the same lock to the same fields (``batch``, ``step``, ``last_add``, ...)."""
+    With ``_fastpub`` built, plain publications skip ``add``: the C path (``fast_add``) adds
+    them under the same lock to the same fields (contract.SENDER_FIELDS)."""
 
     def __init__(self, comm, MPI, *, max_bytes: int, max_count: int):
         self.pool = wire.BufferPool()
         self.outbox = wire.Outbox(comm, MPI, max_bytes=max_bytes, max_count=max_count,
                                   pool=self.pool)
         self.lock = threading.Lock()  # batches, outbox and pool
-        self.batch: Batch | None = None  # open: publish() adds to it
+        self.batch: Batch | None = None  # open: add() and the C path add to it
         self.batch_type = Batch
         self.sealed: list[Batch] = []  # complete, not yet posted
-        self.ready_slab = None  # a pooled slab for fast_publish to open a batch with
-        self.task_id: int | None = None  # the running task
+        self.ready_slab = None  # a pooled slab for the C path to open a batch with
+        self.task_id: int | None = None  # the running task (begin_task, end_task)
         self.step = 0  # its publications so far
-        self.next_abort_poll = 0.0  # publish() reads abort requests from then on (Engine)
-        self.sink_checks = False  # a sink checks values (fast_publish is stricter then)
+        self.next_abort_poll = 0.0  # a publication reads abort requests from then on
+        self.check_value = None  # the sink's check of published values, or None
         self.last_add = 0.0
         self.error: BaseException | None = None
         # a plain lock used as a binary semaphore: release() is the cheapest wake-up there is
@@ -102,45 +82,44 @@ class Sender(object if fastpub is None else fastpub.SenderBase):  # type: ignore
         self._wake_release = self._wake.release
         self.wakes_at = _NEVER  # when the flusher looks next by itself (_IDLE: never)
         self._closing = False
-        self._fast_ready = False
-        self.fast_on = False  # publish_data's C path publishes through this sender
         self._thread = threading.Thread(target=self._run, name="mpipub-flusher", daemon=True)
         self._thread.start()
 
     # -- the task's thread ----------------------------------------------------------------------
-    def start_fast_path(self) -> None:
-        """Let publish_data take the C path through this sender (``fast_publish``), once it
-        can run (numpy imported, so arrays can be recognised); until stop_fast_path."""
-        if not self._fast_ready:
-            self._fast_ready = configure_fastpub()
-        if self._fast_ready:
-            fastpub.set_current(self)
-            self.fast_on = True
+    def begin_task(self, task_id: int) -> None:
+        """A task starts: its publications count from step 0, the first reads aborts, and no
+        sink checks them until the task's options say so (``check_value``)."""
+        self.task_id = task_id
+        self.step = 0
+        self.next_abort_poll = 0.0
+        self.check_value = None
 
-    def stop_fast_path(self) -> None:
-        if self.fast_on:
-            fastpub.set_current(None)
-            self.fast_on = False
+    def end_task(self) -> None:
+        """The task's result is sent: publications are refused until the next begin_task."""
+        self.task_id = None
+        self.check_value = None
 
-    def publish(self, task_id: int, step: int, t: float, data, copy: bool) -> None:
-        """Add one publication (raises batch.ValueNotSendable naming the key; MpipubError
-        once the flusher thread has failed)."""
+    def add(self, t: float, data, copy: bool) -> None:
+        """Add one publication as the task's next step, made at ``t`` (the Python path;
+        raises batch.KeyNotStr or batch.ValueNotSendable naming the key, and then adds
+        nothing; MpipubError once the flusher thread has failed)."""
         if self.error is not None:
-            self._raise_error(task_id, step)
+            self._raise_error()
         with self.lock:
             b = self.batch
             if b is None:
                 if len(self.outbox):
                     self.outbox.progress()  # finished sends' buffers back to the pool
-                b = self.batch = Batch(task_id, self.pool)
+                b = self.batch = Batch(self.task_id, self.pool)
             try:
-                b.add(step, t, data, copy)
+                b.add(self.step, t, data, copy)
             except BaseException:
                 if not b.pubs:  # refused as the first of a batch: no empty batch is left
                     self.batch = None
                     for buf in b.recycle:
                         self.pool.give(buf)
                 raise
+            self.step += 1
             self.last_add = t
             if b.nbytes >= BATCH_BYTES or len(b.pubs) >= BATCH_PUBS or t - b.first_t >= MAX_AGE_S:
                 self.batch = None
@@ -210,13 +189,14 @@ class Sender(object if fastpub is None else fastpub.SenderBase):  # type: ignore
                              payload=b.nbytes, last_t=b.pubs[-1][1])
             self.outbox.send(enc, CLIENT_RANK, TAG_MSG, TAG_BUF)
 
-    def _raise_error(self, task_id: int | None, step: int):
+    def _raise_error(self):
         """Once the flusher has failed, publications are refused (nothing accepted is lost:
         the task's thread posts what was accepted, with the result)."""
         raise MpipubError(
-            f"publish_data() refused on engine {self.outbox.comm.Get_rank()}, task {task_id}, "
-            f"step {step}: the engine's flusher thread failed ({self.error!r}); the "
-            "publications before this one reach the client, later ones are refused")
+            f"publish_data() refused on engine {self.outbox.comm.Get_rank()}, task "
+            f"{self.task_id}, step {self.step}: the engine's flusher thread failed "
+            f"({self.error!r}); the publications before this one reach the client, later ones "
+            "are refused")
 
     # -- the flusher thread -----------------------------------------------------------------
     def _run(self) -> None:
@@ -269,9 +249,9 @@ class Sender(object if fastpub is None else fastpub.SenderBase):  # type: ignore
                                 poll = _PROGRESS_MIN_S if len(ob) < n else min(
                                     poll * 2, _PROGRESS_MAX_S)
                                 timeout = poll
-                        if self.ready_slab is None and self._fast_ready and \
+                        if self.ready_slab is None and fastpub is not None and \
                                 self.task_id is not None:
-                            self.ready_slab = self.pool.take(batch.SLAB_BYTES)
+                            self.ready_slab = self.pool.take(SLAB_BYTES)
                         if timeout is None:
                             # nothing to do: expect the next step one interval after the last
                             last = self.last_add
@@ -281,7 +261,7 @@ class Sender(object if fastpub is None else fastpub.SenderBase):  # type: ignore
                                 timeout, wakes_at = due - now, due
                             else:
                                 wakes_at = _IDLE
-                    # under the lock, so publish() sees it once it has added to a batch
+                    # under the lock, so add() sees it once it has added to a batch
                     self.wakes_at = wakes_at
                 finally:
                     lock.release()

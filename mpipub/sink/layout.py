@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import rules
+
 FORMAT = 2
 #: formats the reader reads
 READ_FORMATS = (1, 2)
@@ -45,9 +47,6 @@ INDEX_DTYPE = np.dtype([("name", np.dtype("O", metadata={"vlen": str})), ("kind"
 TASK_FMT = "task_{:04d}"
 ENGINE_FMT = "engine_{}"
 
-#: numpy dtype kinds the file holds: bool, ints, floats, complex, fixed-length bytes.
-_OK_KINDS = frozenset("biufcS")
-_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def escape(key: str) -> str:
@@ -67,30 +66,28 @@ def unescape(name: str) -> str:
 
 # -- the checker (runs on engines, inside publish_data) ------------------------------------------
 def check_value(key, value, _depth: int = 0) -> str | None:
-    """Return why ``value`` cannot be stored in a sink file, or None if it can."""
+    """Return why ``value`` cannot be stored in a sink file, or None if it can. The rules are
+    the table in ``rules.py``, which the engine's C path reads too."""
     t = type(value)
     if t is np.ndarray:
         k = value.dtype.kind
-        if k in _OK_KINDS and value.dtype.fields is None:
+        if k in rules.ARRAY_KINDS and value.dtype.fields is None:
             return None
         return (f"numpy arrays of dtype {value.dtype} cannot be stored in the HDF5 sink "
                 "(numeric, bool or fixed-length bytes 'S' dtypes only)")
-    if t in (float, bool, complex, bytes):
-        return None
-    if t is int:
-        if _I64_MIN <= value <= _I64_MAX:
-            return None
-        return "int out of the 64-bit range cannot be stored in the HDF5 sink"
-    if t is str:
-        if "\0" in value:
-            return "str containing NUL characters cannot be stored in the HDF5 sink"
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return "str that is not valid unicode cannot be stored in the HDF5 sink"
+    if t in rules.SCALAR_TYPES:
+        if t is int and not rules.INT_MIN <= value <= rules.INT_MAX:
+            return "int out of the 64-bit range cannot be stored in the HDF5 sink"
+        if t is str:
+            if any(c in value for c in rules.STR_FORBIDDEN):
+                return "str containing NUL characters cannot be stored in the HDF5 sink"
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return "str that is not valid unicode cannot be stored in the HDF5 sink"
         return None
     if isinstance(value, np.generic):
-        if value.dtype.kind in _OK_KINDS and value.dtype.fields is None:
+        if value.dtype.kind in rules.ARRAY_KINDS and value.dtype.fields is None:
             return None
         return f"numpy scalars of dtype {value.dtype} cannot be stored in the HDF5 sink"
     if isinstance(value, dict):

@@ -234,9 +234,9 @@ class Sink:
     def task_options(self) -> dict:
         if self.error is not None:
             raise SinkError(f"{self.error} (no new tasks while the sink is broken)")
-        # sink_checks: the engine's C path takes only what check_value surely accepts
-        return {"check_value": functools.partial(L.check_selected, self.include, self.exclude),
-                "sink_checks": True}
+        # (while check_value is set, the engine's C path takes only what sink/rules.py's table
+        # surely accepts; check_value decides the rest)
+        return {"check_value": functools.partial(L.check_selected, self.include, self.exclude)}
 
     def on_task_start(self, rec, payload) -> None:
         fn, args, kwargs = payload
