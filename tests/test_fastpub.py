@@ -133,8 +133,26 @@ PLAIN = [
     {"zero_d": np.array(3.5)},
     {},
     {"full": np.ones(batch.SLAB_ITEM_MAX // 8)},  # the largest array a slab takes
-    {"MiB": np.arange(1 << 17, dtype=np.int64), "after": np.ones(2)},
+    {"batch": np.arange(sender.BATCH_BYTES // 8, dtype=np.int64), "after": np.ones(2)},
 ]
+
+
+def test_a_batch_of_1_mib_arrays_is_one_buffer_on_both_paths(configured):
+    # Rank 0's one I/O thread pays per message and per buffer, so arrays up to 1 MiB share a
+    # slab and four of them travel as one header and one buffer (docs/benchmarks.md,
+    # "Closing the distance to (a)"): with 1 MiB slabs each was a message of its own.
+    a = np.arange(1 << 17, dtype=np.float64)  # 1 MiB
+    ref = batch.Batch(7, wire.BufferPool())
+    for k in range(4):
+        ref.add(k, 0.0, {"a": a + k}, True)
+    assert ref.nbytes >= sender.BATCH_BYTES and len(ref.buffers()) == 1
+    if fastpub is None:
+        return
+    s = _Sender()
+    for k in range(4):
+        assert s.fast_add({"a": a + k}) is True
+    b, = s.sealed  # the fourth filled it
+    assert [bytes(x) for x in b.buffers()] == [bytes(x) for x in ref.buffers()]
 
 
 @needs_c

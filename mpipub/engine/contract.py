@@ -19,9 +19,12 @@ from ..transport.packing import ARRAY, VALUE
 
 # -- the batch (engine/batch.py) ------------------------------------------------------------------
 #: Arrays (and out-of-band pickle buffers) up to this size are copied into a shared slab;
-#: larger ones get a buffer of their own.
-SLAB_ITEM_MAX = 256 << 10
-SLAB_BYTES = 1 << 20
+#: larger ones get a buffer of their own. A slab is as large as a batch (BATCH_BYTES), so a
+#: batch of arrays up to 1 MiB travels as one header and one buffer: every message costs
+#: rank 0's one I/O thread a probe, two receives and its bookkeeping (docs/benchmarks.md,
+#: "Why the constants are what they are").
+SLAB_ITEM_MAX = 1 << 20
+SLAB_BYTES = 4 << 20
 #: ``copy=False`` sends arrays from their own memory only from this size: below it a copy
 #: into a pooled buffer is faster end to end, because the copy stays in cache until the
 #: client reads it.
@@ -31,8 +34,9 @@ ALIGN = 64
 
 # -- when a batch is sealed and the flusher woken (engine/sender.py) ------------------------------
 #: A batch is sent by the publishing thread once it holds this many bytes or publications,
-#: or is this old (seconds): bounds the client's staleness during a tight loop.
-BATCH_BYTES = 1 << 20
+#: or is this old (seconds): bounds the client's staleness during a tight loop. Bytes: one
+#: slab (SLAB_BYTES).
+BATCH_BYTES = 4 << 20
 BATCH_PUBS = 256
 MAX_AGE_S = 0.002
 #: A publication does not wake the flusher when it will look by itself within this long

@@ -2,7 +2,7 @@
 
 Publications that come faster than MPI messages could carry them one by one are packed
 into a *batch* (sender.py decides when it is sent): small arrays are copied side by side
-into one *slab* (a pooled 1 MiB buffer), larger ones into their own pooled buffer (or, with
+into one *slab* (a pooled 4 MiB buffer), larger ones into their own pooled buffer (or, with
 ``copy=False`` from 4 MiB, sent from their own memory), plain immutable values ride in the
 batch's metadata and anything else is pickled at the call (protocol 5, its buffers copied
 like arrays). One ``pickle.dumps`` of the metadata and one or two ``Isend``s then carry the
