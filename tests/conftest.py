@@ -149,6 +149,20 @@ def run_mpi(nranks: int, args: list[str], *, timeout: float = 60, env: dict | No
     return finish(start_mpi(nranks, args, env=env, cwd=cwd), timeout)
 
 
+def wait_until(condition, timeout: float, what: str, interval: float = 0.02):
+    """Wait until ``condition()`` is true (returning its value), looking every ``interval``
+    seconds; fail the test naming ``what`` after ``timeout`` seconds. Tests wait on
+    conditions like this, never on a sleep of a guessed length."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
 def wait_for_file(path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     """Wait until a running job creates ``path`` (its "ready" mark); fail the test with the
     job's output (after killing it) if it ends or times out first."""

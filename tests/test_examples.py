@@ -59,7 +59,9 @@ def test_seed_snippet_runs_with_only_imports_changed(tmp_path):
     assert job.returncode == 0, job.output
     line = [ln for ln in job.stdout.splitlines() if ln.startswith("steps seen:")][0]
     steps = eval(line.split(":", 1)[1])
-    assert len(steps) == 3 and all(1 <= s <= 3 for s in steps), line
+    # 2.5 s into a task publishing once a second: steps 0 to 3 (0 on a machine slow to start
+    # the task; the snippet's own sleep is the user's, not the test's synchronisation)
+    assert len(steps) == 3 and all(0 <= s <= 3 for s in steps), line
     assert _png_colours(tmp_path / "seed.png") > 20
     # the script ended while the loop still ran: the client said so and stopped it cleanly
     assert "aborting it" in job.stderr, job.stderr

@@ -25,7 +25,7 @@ def test_idle_engines_use_little_cpu_and_start_tasks_fast(mpi_script):
 
         before = dict(zip(c.ids, dv.apply_sync(cpu)))
         t0 = time.monotonic()
-        time.sleep(3.0)  # the 4 engines are idle
+        time.sleep(3.0)  # the measurement window: the 4 engines are idle
         wall = time.monotonic() - t0
         after = dict(zip(c.ids, dv.apply_sync(cpu)))
         share = {e: (after[e] - before[e]) / wall for e in c.ids}
@@ -35,11 +35,11 @@ def test_idle_engines_use_little_cpu_and_start_tasks_fast(mpi_script):
         # an idle engine (past its longest poll sleep) starts a task quickly
         delays = []
         for _ in range(9):
-            time.sleep(0.2)
+            time.sleep(0.2)  # idle, past the longest poll sleep (the case measured)
             t = time.time()
             ar = c[2].apply_async(lambda: None)
             ar.get(timeout=10)
-            delays.append(ar._rec.state[2].started - t)
+            delays.append(ar.started.timestamp() - t)
         med = statistics.median(delays)
         print(f'START delay median {med * 1e3:.2f} ms: {[round(d * 1e3, 2) for d in delays]}')
         assert med < 0.5, delays  # (a hang or a missed wake-up; the speed is benchmark row 5)
@@ -82,7 +82,7 @@ def test_one_probe_after_a_pause_sees_a_message_that_is_already_there(mpi_script
 
 def test_abort_reaches_a_publishing_task_promptly(mpi_script):
     job = mpi_script("""
-        import time
+        import os, time
         from mpipub import Client, RemoteError, publish_data
 
         c = Client()
@@ -96,15 +96,17 @@ def test_abort_reaches_a_publishing_task_promptly(mpi_script):
                 i += 1
                 a += 1
 
-        def sleep_then_publish(s):
-            time.sleep(s)
+        def wait_for_file_then_publish(path):
+            deadline = time.monotonic() + 30
+            while path and not os.path.exists(path):  # busy until the client says go
+                assert time.monotonic() < deadline, 'no go from the client'
+                time.sleep(0.01)
             publish_data({'x': 1})
             return 'finished'
 
         ar = c[1].apply_async(publish_forever)
         while not ar.stats[1].publications:
             time.sleep(0.01)
-        time.sleep(0.5)
         t = time.time()
         ar.abort()
         try:
@@ -113,7 +115,7 @@ def test_abort_reaches_a_publishing_task_promptly(mpi_script):
         except RemoteError as e:
             assert e.ename == 'TaskAborted' and e.engine_id == 1, e
             assert 'aborted by the client' in e.evalue and 'engine 1' in e.evalue, e.evalue
-        stopped = ar._rec.state[1].finished - t
+        stopped = ar.completed.timestamp() - t
         print(f'ABORT stopped the task after {stopped * 1e3:.1f} ms')
         assert stopped < 5.0, stopped  # (catches an abort that waits for something else)
         assert ar.data['i'] >= 1
@@ -121,10 +123,14 @@ def test_abort_reaches_a_publishing_task_promptly(mpi_script):
         assert c[1].apply_sync(lambda: 'alive') == 'alive'
 
         # a queued task aborted before it starts is skipped; the one after it runs
-        first = c[2].apply_async(sleep_then_publish, 1.0)
-        queued = c[2].apply_async(sleep_then_publish, 0.0)
+        first = c[2].apply_async(wait_for_file_then_publish, 'go')
+        queued = c[2].apply_async(wait_for_file_then_publish, '')
         after = c[2].apply_async(lambda: 'after')
         queued.abort()
+        # rank 0's I/O thread posts in order: once a later task's result is back, the abort
+        # has been sent; only then may the first task end (no race with the queued start)
+        assert c[1].apply_sync(lambda: 'posted') == 'posted'
+        open('go', 'w').close()
         assert first.get(timeout=10) == 'finished'
         try:
             queued.get(timeout=10)

@@ -106,11 +106,17 @@ ENDING = """
     from pathlib import Path
     from mpipub import Client
 
+    def wait_for(path):  # a condition, under a deadline
+        deadline = time.monotonic() + 60
+        while not Path(path).exists():
+            assert time.monotonic() < deadline, f'no {path}'
+            time.sleep(0.01)
+
     c = Client()
     mode = sys.argv[1]
     assert c[:].apply_sync(lambda: 7) == [7, 7]
     Path('ready').touch()
-    time.sleep(0.3)
+    wait_for('go')  # the test has listed the job's processes
     if mode == 'raise':
         raise ValueError('script failed here')
     if mode == 'exit3':
@@ -118,9 +124,12 @@ ENDING = """
     if mode == 'hang':
         def never_publishes():
             import time
-            time.sleep(600)
+            from mpi4py import MPI
+            open(f'started{MPI.COMM_WORLD.Get_rank()}', 'w').close()
+            time.sleep(600)  # a long computation
         ar = c[:].apply_async(never_publishes)
-        time.sleep(0.3)
+        wait_for('started1')  # both engines are inside the task: an abort cannot reach it
+        wait_for('started2')
     print('END', mode, flush=True)
 """
 
@@ -131,7 +140,8 @@ def test_script_end(tmp_path, mode, run):
     env = {"MPIPUB_CLOSE_TIMEOUT_S": "1"} if mode == "hang" else None
     proc = _launch(tmp_path, 3, ENDING, [mode], run=run, env=env)
     wait_for_file(tmp_path / "ready", proc)
-    job, took = _end_and_check(proc, _job_processes(proc.pid), 3)
+    job, took = _end_and_check(proc, _job_processes(proc.pid), 3,
+                               lambda: (tmp_path / "go").touch())
     out = job.output
     if mode == "ok":
         assert job.returncode == 0, out

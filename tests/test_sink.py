@@ -15,7 +15,16 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import PYTHON, finish, kill_group, mpi_env, run_mpi, start_mpi
+from conftest import (
+    PYTHON,
+    finish,
+    kill_group,
+    mpi_env,
+    run_mpi,
+    start_mpi,
+    wait_for_file,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -202,30 +211,12 @@ def test_xarray_reads_the_file(sim_file):
             assert ds.attrs["rank"] == e
 
 
-def _wait_for(pred, timeout, what):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 def _steps_in(path):
     try:
         with h5py.File(path, "r", swmr=True, locking=False) as f:
             return f["task_0001/engine_1/step"].shape[0]
     except Exception:  # noqa: BLE001 - not there yet
         return 0
-
-
-def _has_task(path):
-    try:
-        with h5py.File(path, "r", swmr=True, locking=False) as f:
-            return "task_0001/engine_2/data/a" in f
-    except Exception:  # noqa: BLE001 - not there yet
-        return False
 
 
 READER = """
@@ -256,7 +247,7 @@ c[:].apply_async(sim, 100000, 0.005).get()
 """)
     proc = start_mpi(3, [str(script)], cwd=tmp_path)
     try:
-        _wait_for(lambda: _steps_in(sink) > 20, 40, "first flushed steps")
+        wait_until(lambda: _steps_in(sink) > 20, 40, "first flushed steps")
         # a plain h5py reader in another process sees the dataset grow, values exact
         r = subprocess.run([PYTHON, "-c", READER, str(sink)], capture_output=True, text=True,
                            timeout=30, env=mpi_env())
@@ -270,12 +261,10 @@ c[:].apply_async(sim, 100000, 0.005).get()
 
         run = mpipub.open(sink)
         n0 = len(run.steps()[0])
-        time.sleep(0.6)
-        n1 = len(run.refresh().steps()[0])
+        assert n0 > 0
+        n1 = wait_until(lambda: len(run.refresh().steps()[0]) > n0 and len(run.steps()[0]),
+                        30, "refresh() to show new steps")
         run.close()
-        assert n1 > n0 > 0
-        time.sleep(0.5)
-        t_kill = time.time()
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
@@ -288,11 +277,12 @@ c[:].apply_async(sim, 100000, 0.005).get()
         for e in (1, 2):
             g = f[f"task_0001/engine_{e}"]
             n = min(g["step"].shape[0], g["data/a"].shape[0])  # "a": dense from step 0
-            assert n > n1 // 2
+            if e == 1:  # every step a reader saw before the kill is still there
+                assert n >= n1, (n, n1)
+            assert n > 0
             assert g["step"][:n].tolist() == list(range(n))
             a = g["data/a"][:n]
             assert np.array_equal(a[:, 0, 0], np.arange(n))
-            assert g["time"][n - 1] > t_kill - 0.2 - 1.0, "more than a flush interval lost"
     run = __import__("mpipub").open(sink)
     assert len(run.steps()[0]) > 0 and run.data[0]["i"] == len(run.steps()[0]) - 1
     run.close()
@@ -310,13 +300,19 @@ c[:].apply_async(sim, 100000, 0.005).get()
 
 def test_sigterm_flushes_and_closes(tmp_path):
     sink = tmp_path / "term.h5"
-    script = _script(tmp_path, "term.py", "c = Client(); c[:].apply_async(sim, 100000, 0.005)"
-                     ".get()\n")
+    script = _script(tmp_path, "term.py", """
+from pathlib import Path
+c = Client()
+ar = c[:].apply_async(sim, 100000, 0.005)
+while min(d.get("i", -1) for d in ar.data) < 20:   # 20 steps of each engine reached rank 0
+    time.sleep(0.01)
+Path("ready").touch()
+ar.get()
+""")
     proc = start_mpi(3, ["-m", "mpipub", "run", "--sink", str(sink), "--sink-flush", "5",
                          str(script)], cwd=tmp_path)
     try:
-        _wait_for(lambda: _has_task(sink), 40, "the job to start")
-        time.sleep(1.5)
+        wait_for_file(tmp_path / "ready", proc)
         os.kill(proc.pid, signal.SIGTERM)  # what scancel sends (mpiexec forwards it)
         job = finish(proc, 30)
     finally:
@@ -326,7 +322,7 @@ def test_sigterm_flushes_and_closes(tmp_path):
         for e in (1, 2):
             g = f[f"task_0001/engine_{e}"]
             n = g["step"].shape[0]
-            assert n > 10, job.output  # flush interval 5 s: these came from the clean close
+            assert n > 20, job.output  # flush interval 5 s: these came from the clean close
             assert g["step"][:].tolist() == list(range(n))
             assert np.array_equal(g["data/a"][:, 3, 2], np.arange(n))
         assert f["task_0001"].attrs["end"] > 0
@@ -348,7 +344,7 @@ def fast(n):
     return time.perf_counter() - t0
 
 c = Client(sink={str(sink)!r}, _delay_s=0.001, max_queue_items=50, max_queue_bytes=1 << 20)
-snk = c._rt.sinks[0]
+snk = c._rt.sinks[0]  # (the queue's peaks and count: no public API, and they are the point)
 t0 = time.perf_counter()
 took = c[:].apply_sync(fast, 1500)
 print("ENGINE_S", min(took), "PEAK", snk.peak_queue_items, snk.peak_queue_bytes)

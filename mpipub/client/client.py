@@ -88,6 +88,8 @@ class _Runtime:
             self.byes.add(m.source)
             if len(self.byes) == len(self.ids):
                 self.bye_event.set()
+            if not self.closed:  # it left by itself (10 s after SIGTERM): its tasks end
+                self._engine_left(m.source)
             return
         rec = self.records.get(m.task_id)
         if rec is None:
@@ -110,16 +112,30 @@ class _Runtime:
                                             f"unpickled on the client: {exc}", ""), m.time, m.time
             rec.on_result(m.source, ok, value, t0, t1)
             if rec.pending == 0:
-                for s in self.sinks:
-                    s.on_task_end(rec)
-                with self.lock:
-                    self.records.pop(m.task_id, None)
-                self.finished.append(_EndedTask(rec))
+                self._task_ended(rec)
         elif m.kind == wire.OUTPUT:
             text = m.decode()
             rec.on_output(m.source, m.step, text)
             if self.observer is not None:
                 self.observer.on_output(rec, m.source, m.step, text)
+
+    def _task_ended(self, rec: TaskRecord) -> None:
+        for s in self.sinks:
+            s.on_task_end(rec)
+        with self.lock:
+            self.records.pop(rec.task_id, None)
+        self.finished.append(_EndedTask(rec))
+
+    def _engine_left(self, engine: int) -> None:
+        """An engine said goodbye unasked: the tasks it had not finished fail, naming it."""
+        now = time.time()
+        for rec in list(self.records.values()):
+            if engine in rec.state and not rec.state[engine].done:
+                rec.on_result(engine, False, ("EngineLeft", f"engine {engine} left the job "
+                                              f"before task {rec.task_id} ({rec.label}) ran "
+                                              "there (its stderr says why)", ""), now, now)
+                if rec.pending == 0:
+                    self._task_ended(rec)
 
     def _fatal(self, exc: BaseException) -> None:
         for rec in list(self.records.values()):
@@ -140,6 +156,11 @@ class _Runtime:
         Serialisation happens here, in the user's thread, so an unpicklable function or
         argument fails at submit time with the culprit named."""
         self.check_open()
+        if gone := sorted(set(targets) & self.byes):
+            raise MpipubError(
+                f"engine {', '.join(map(str, gone))} has left the job (its stderr says why: "
+                "SIGTERM and no stop from the client for 10 s); a task for it cannot run: "
+                "use a view of the others")
         options: dict = {"main_source": _main_source(payloads[0][0])}
         for s in self.sinks:
             options.update(s.task_options())
@@ -196,7 +217,8 @@ class _Runtime:
             self.abort(rec.task_id, busy, f"because {why}")
         stop = wire.encode(wire.STOP, 0, 0, None)
         for e in self.ids:
-            self.io.post(stop, e, TAG_CTRL, TAG_CBUF)
+            if e not in self.byes:  # (one that left on its own is not listening)
+                self.io.post(stop, e, TAG_CTRL, TAG_CBUF)
         self._wait_for_engines(timeout)
         self.io.stop()
         self.io.join(timeout=5)

@@ -47,6 +47,9 @@ MAX_OUTSTANDING_COUNT = config.get("MPIPUB_MAX_OUTSTANDING_COUNT")
 #: probe at every call would be most of a small publication's cost, and a call that polls
 #: takes the Python path, not the C one (docs/benchmarks.md, "Why the constants are what they are").
 ABORT_POLL_S = 0.05
+#: An engine that got SIGTERM and has not been stopped by the client this long after it
+#: (seconds) takes the client for gone and leaves, once its task has returned.
+TERM_DEADLINE_S = 10.0
 
 # The engine serving in this process, kept in one place: where _fastpub is built, in C, where
 # publish_data's C path reads it (and its sender) on every call; else here.
@@ -153,6 +156,7 @@ class Engine:
         self.inbox: collections.deque = collections.deque()
         self._status = self.MPI.Status()
         self.terminating_since: float | None = None
+        self.terminated_during: str | None = None  # the task running at SIGTERM, for messages
         self.sending = False  # inside outbox.send: a signal is deferred (see _on_signal)
         self.deferred_signal: int | None = None
         self.task_label = ""  # the running task's function, for messages
@@ -261,8 +265,9 @@ class Engine:
                     self.recv_ctrl()
                 m = self.inbox.popleft() if self.inbox else None
                 if m is None:
-                    if self.terminating_since and time.monotonic() - self.terminating_since > 10:
-                        # SIGTERM and no word from the client for 10 s: it is gone; leave.
+                    if self.terminating_since and \
+                            time.monotonic() - self.terminating_since > TERM_DEADLINE_S:
+                        self._leave_after_sigterm()
                         return
                     time.sleep(idle.next())
                     continue
@@ -280,6 +285,18 @@ class Engine:
             _set_current(None)
             self.sender.close()
 
+    def _leave_after_sigterm(self) -> None:
+        """SIGTERM and no stop from the client within TERM_DEADLINE_S: it is gone or cannot
+        reach us. Say so (which engine, which task ran at SIGTERM) and say goodbye, posted
+        without waiting for it (the client may be gone), so a client that is still there
+        neither waits for this engine at its end nor sends it tasks."""
+        waited = time.monotonic() - (self.terminating_since or 0.0)
+        during = f"during {self.terminated_during}" if self.terminated_during else "while idle"
+        sys.stderr.write(f"mpipub: engine {self.rank} ({self.host}) got SIGTERM {waited:.0f} s "
+                         f"ago {during}, and the client has not stopped it since; leaving\n")
+        sys.stderr.flush()
+        self.send(wire.BYE, 0, None)
+
     def _on_signal(self, signum, frame):
         """Ctrl-C / SIGTERM / SIGUSR1 (SLURM's time-limit warning) reach every rank: a busy
         task is interrupted (the client gets its error); an idle engine keeps serving until
@@ -287,6 +304,8 @@ class Engine:
         flushed sink) on rank 0."""
         if signum == signal.SIGTERM:
             self.terminating_since = time.monotonic()
+            if (task_id := self.sender.task_id) is not None:
+                self.terminated_during = f"task {task_id} ({self.task_label})"
         if self.sending and self.busy:
             self.deferred_signal = signum  # raised by post() once the sends are posted
             return

@@ -102,7 +102,7 @@ class Sender(object if fastpub is None else fastpub.SenderBase):  # type: ignore
     def add(self, t: float, data, copy: bool) -> None:
         """Add one publication as the task's next step, made at ``t`` (the Python path;
         raises batch.KeyNotStr or batch.ValueNotSendable naming the key, and then adds
-        nothing)."""
+        nothing; MpipubError once the flusher thread has failed)."""
         if self.error is not None:
             self._raise_error()
         with self.lock:
@@ -139,9 +139,8 @@ class Sender(object if fastpub is None else fastpub.SenderBase):  # type: ignore
 
     def send(self, kind: int, task_id: int, step: int, obj, dumps, copy: bool) -> None:
         """Send a message (result, output, bye) after every publication added before it.
-        Raises what ``dumps`` raises (nothing is sent then)."""
-        if self.error is not None:
-            self._raise_error()
+        Raises what ``dumps`` raises (nothing is sent then). Works without the flusher (after
+        it failed): results and the goodbye still reach the client."""
         with self.lock:
             self.outbox.progress()  # finished sends' buffers back to the pool first
             enc = wire.encode(kind, task_id, step, obj, dumps, copy=copy, pool=self.pool)
@@ -160,8 +159,6 @@ class Sender(object if fastpub is None else fastpub.SenderBase):  # type: ignore
         with self.lock:
             self._post_all()
             self.outbox.flush()
-        if self.error is not None:
-            self._raise_error()
 
     def close(self) -> None:
         """Stop the flusher thread (without waiting for sends: callers that want every send
@@ -193,7 +190,13 @@ class Sender(object if fastpub is None else fastpub.SenderBase):  # type: ignore
             self.outbox.send(enc, CLIENT_RANK, TAG_MSG, TAG_BUF)
 
     def _raise_error(self):
-        raise MpipubError(f"this engine can no longer send to the client: {self.error!r}")
+        """Once the flusher has failed, publications are refused (nothing accepted is lost:
+        the task's thread posts what was accepted, with the result)."""
+        raise MpipubError(
+            f"publish_data() refused on engine {self.outbox.comm.Get_rank()}, task "
+            f"{self.task_id}, step {self.step}: the engine's flusher thread failed "
+            f"({self.error!r}); the publications before this one reach the client, later ones "
+            "are refused")
 
     # -- the flusher thread -----------------------------------------------------------------
     def _run(self) -> None:
@@ -204,7 +207,9 @@ class Sender(object if fastpub is None else fastpub.SenderBase):  # type: ignore
             import sys
             import traceback  # (not at start-up: every rank pays its imports)
 
-            sys.stderr.write("mpipub: the engine's flusher thread failed:\n"
+            sys.stderr.write(f"mpipub: engine {self.outbox.comm.Get_rank()}: the engine's "
+                             f"flusher thread failed during task {self.task_id} (step "
+                             f"{self.step}); its next publish_data raises:\n"
                              + traceback.format_exc())
 
     def _flush_loop(self) -> None:
