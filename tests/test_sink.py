@@ -357,9 +357,11 @@ print("TOTAL_S", time.perf_counter() - t0, "WRITTEN", snk.written)
     peak_items = int(out[out.index("PEAK") + 1])
     peak_bytes = int(out[out.index("PEAK") + 2])
     # the writer needs >= 3000 * 1 ms; each engine can only run ahead of it by its send bound
-    # (256 publications), one batch (64 x 16 KiB) and its share of the sink's queue (50), so
-    # publish_data must have waited until ~2 x 1100 steps were written: >= 2.2 s
-    assert engine_s > 1.5, job.stdout
+    # (256 publications, or two messages: up to 2 x 256), one open batch (256 x 16 KiB = 4 MiB)
+    # and its share of the sink's queue (50), so publish_data must have waited for ~2 x 700
+    # steps to be written (~1.4 s). Without back-pressure the 1500 calls take ~0.05 s; the
+    # bound is loose so that only a producer that never waited fails it.
+    assert engine_s > 0.5, job.stdout
     assert peak_items <= 50 and peak_bytes <= (1 << 20) + 20000, job.stdout
     assert "WRITTEN 3000" in job.stdout
     with h5py.File(sink, "r") as f:
