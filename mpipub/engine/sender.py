@@ -20,6 +20,7 @@ CPU).
 from __future__ import annotations
 
 import math
+import signal
 import threading
 import time
 
@@ -33,6 +34,9 @@ from .batch import Batch, fastpub
 # publication wakes the flusher (WAKE_SLACK_S): shared with the C path, declared in contract.py.
 from .contract import BATCH_BYTES, BATCH_PUBS, MAX_AGE_S, SLAB_BYTES, WAKE_SLACK_S
 
+#: The signals an engine turns into the end of its running task (engine/loop.py), handled on
+#: the task's thread only.
+_TASK_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 #: The flusher sends an open batch once nothing was added to it for this long (seconds).
 LINGER_S = config.get("MPIPUB_LINGER_S")
 #: The flusher tests outstanding sends (returning their buffers to the pool) with a sleep
@@ -200,6 +204,10 @@ class Sender(object if fastpub is None else fastpub.SenderBase):  # type: ignore
 
     # -- the flusher thread -----------------------------------------------------------------
     def _run(self) -> None:
+        # Signals are the task thread's: Python runs handlers only there, and a signal the
+        # kernel hands to this thread does not wake a task sleeping in C (time.sleep, a
+        # blocking call), so a SIGTERM could leave it running for good.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _TASK_SIGNALS)
         try:
             self._flush_loop()
         except BaseException as exc:  # noqa: BLE001 - reported; the next publish raises it
