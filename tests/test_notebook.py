@@ -84,6 +84,7 @@ class Kernel:
         self.procs: list = []
         self.tmp = tmp
         self.kc = None
+        self.stderr = None
         # Open MPI 5's mpiexec does not start where a killed job left a session folder with
         # its pid (it exits at once and the kernel never answers: the CI flake of session 7).
         # A kernelspec runs mpiexec itself, not through mpipub.launcher, so clear them here.
@@ -92,17 +93,40 @@ class Kernel:
         self.remember()
 
     def _start(self, kernel_dir: Path, name: str) -> None:
+        """Start the kernel and wait until it answers. Its stderr goes to a file, shown when
+        it dies. One death is retried, on new ports, where the kernel could not bind a port:
+        jupyter_client picks free ports and the kernel binds them a moment later, so another
+        process can take one in between (Jupyter's restarter then restarts the kernel on new
+        ports too); any other death fails the test with the kernel's stderr."""
         ksm = KernelSpecManager(kernel_dirs=[str(kernel_dir)])
-        self.km = KernelManager(kernel_name=name, kernel_spec_manager=ksm)
-        self.km.shutdown_wait_time = 10.0
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         env.pop("MPLBACKEND", None)
-        self.km.start_kernel(env=env, cwd=str(ROOT))
-        if self.kc is not None:
-            self.kc.stop_channels()
-        self.kc = self.km.client()
-        self.kc.start_channels()
-        self.kc.wait_for_ready(timeout=START_TIMEOUT_S)
+        for attempt in (1, 2):
+            self.km = KernelManager(kernel_name=name, kernel_spec_manager=ksm)
+            self.km.shutdown_wait_time = 10.0
+            log = self.tmp / f"kernel-{time.monotonic_ns()}.stderr"
+            self._close_stderr()
+            # (kept open: restart_kernel() starts the new job with the same arguments)
+            self.stderr = open(log, "w")  # noqa: SIM115 - closed in close()
+            self.km.start_kernel(env=env, cwd=str(ROOT), stderr=self.stderr)
+            if self.kc is not None:
+                self.kc.stop_channels()
+            self.kc = self.km.client()
+            self.kc.start_channels()
+            try:
+                self.kc.wait_for_ready(timeout=START_TIMEOUT_S)
+                return
+            except RuntimeError as exc:
+                said = log.read_text()
+                if attempt == 1 and "Address already in use" in said \
+                        and not self.km.is_alive():
+                    continue
+                raise RuntimeError(f"{exc}; the kernel's stderr:\n{said}") from None
+
+    def _close_stderr(self) -> None:
+        if self.stderr is not None:
+            self.stderr.close()
+            self.stderr = None
 
     def remember(self) -> None:
         """Record the job's processes (mpiexec and its descendants), for the checks."""
@@ -158,6 +182,7 @@ class Kernel:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
+        self._close_stderr()
 
 
 @pytest.fixture
@@ -461,6 +486,40 @@ def test_kernel_module_on_engines_does_not_import_ipykernel(tmp_path):
     job = run_mpi(3, [str(script)], timeout=60)
     assert job.returncode == 0, job.output
     assert job.stdout.count("False") == 2, job.output
+
+
+def test_kernel_that_cannot_start_says_why(tmp_path):
+    """A kernel whose port is taken (jupyter_client picks the ports, the kernel binds them a
+    moment later, and another process can take one in between) ends, with the reason on its
+    stderr, and its engines end with it: before, it died without a word."""
+    import socket
+
+    from conftest import run_mpi
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        free = []
+        for _ in range(4):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            free.append(s)
+        ports = [taken.getsockname()[1], *(s.getsockname()[1] for s in free)]
+        for s in free:
+            s.close()
+        names = ["shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"]
+        conn = tmp_path / "kernel.json"
+        conn.write_text(json.dumps({**dict(zip(names, ports)), "ip": "127.0.0.1",
+                                    "transport": "tcp", "key": "k",
+                                    "signature_scheme": "hmac-sha256"}))
+        job = run_mpi(1 + ENGINES, ["-m", "mpipub.notebook.kernel", "-f", str(conn)],
+                      timeout=120)
+    finally:
+        taken.close()
+    assert job.returncode != 0, job.output
+    assert "mpipub kernel: rank 0 failed, so the kernel ends" in job.stderr, job.output
+    assert "Address already in use" in job.stderr, job.output
 
 
 @pytest.mark.timeout(180)

@@ -199,8 +199,9 @@ def test_killed_file_reads_and_its_truncated_copy_is_refused(killed, tmp_path):
 
 def test_live_file_keeps_reading_while_a_job_writes(tmp_path):
     """A file being written (a new key every 100 steps: the writer leaves SWMR mode to create
-    them) is not taken for a damaged one: open/refresh and `mpipub info` keep working, each
-    value read is the one published (no zeros for rows not yet written)."""
+    them, and a read at that moment sees torn metadata: `mpipub info` failed 1 run in 6) is not taken for a damaged one:
+    open/refresh, reads and `mpipub info` keep working (retried on a fresh open), each value
+    read is the one published (no zeros for rows not yet written)."""
     import mpipub
 
     sink = tmp_path / "live.h5"
@@ -241,7 +242,7 @@ c.close()
     assert reads >= 5 and infos >= 1 and seen > 0, (reads, infos, seen)
     run = run.refresh() if run is not None else mpipub.open(sink)
     assert run.closed_cleanly and [len(x) for x in run.steps("a")] == [3000, 3000]
-    assert run.data[0]["k29"] == 2999
+    assert run.data[0][f"k{2999 // 100}"] == 2999
     run.close()
 
 

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 
 from ipykernel.ipkernel import IPythonKernel
 from ipykernel.kernelapp import IPKernelApp
@@ -74,6 +75,10 @@ def run(world: _comm.World) -> None:
         app.start()
     except SystemExit as exc:  # SIGTERM (client.py turns it into SystemExit)
         code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - os._exit below would end the kernel without a word
+        code = 1
+        sys.__stderr__.write("mpipub kernel: rank 0 failed, so the kernel ends:\n"
+                             + traceback.format_exc())
     finally:
         stop_engines()
         for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):

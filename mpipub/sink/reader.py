@@ -26,7 +26,8 @@ def _superblock_or_none(path):
 
 
 class _DamagedRead(SinkFileError):
-    """A dataset that HDF5 could not read (retried in ``refresh()`` while a writer is live)."""
+    """A dataset that HDF5 could not read: retried (``Run._reading``) while a writer is live,
+    which may be creating objects outside SWMR mode at that moment."""
 
 
 class _Truncated(OSError):
@@ -264,6 +265,8 @@ class TaskData:
         self.cut_short = str(a["cut_short"]) if "cut_short" in a else None
         self._eng: dict[int, EngineData] = {}
         self._keys: dict[str, None] | None = None
+        #: the Run that made it: reads retried on a fresh open while a live writer tears them
+        self._run: Run | None = None
         for name in g:
             if name.startswith("engine_"):
                 try:
@@ -280,8 +283,19 @@ class TaskData:
     def engine(self, e: int) -> EngineData:
         return self._eng[e]
 
+    def _read(self, read):
+        """``read(task)``, on this task as the latest open of the file holds it: a read torn by
+        a live writer is retried on a fresh open (``Run._reading``)."""
+        run = self._run
+        if run is None:
+            return read(self)
+        return run._reading(lambda: read(run._tasks.get(self.task_id, self)))
+
     @property
     def keys(self) -> list[str]:
+        return self._read(TaskData._keys_now)
+
+    def _keys_now(self) -> list[str]:
         if self._keys is None:
             seen: dict[str, None] = {}
             for e in self.engines:
@@ -293,22 +307,25 @@ class TaskData:
     @property
     def data(self) -> list[dict]:
         """Latest value of every key, per engine (engine order), like ``AsyncResult.data``."""
-        return [self._eng[e].data() for e in self.engines]
+        return self._read(lambda t: [t._eng[e].data() for e in t.engines])
 
     def data_at(self, step: int) -> list[dict | None]:
         """What each engine published at ``step`` (None where it did not publish that step)."""
-        return [self._eng[e].data_at(int(step)) for e in self.engines]
+        return self._read(lambda t: [t._eng[e].data_at(int(step)) for e in t.engines])
 
     def _key(self, key) -> tuple:
         if isinstance(key, tuple):
             return key
-        if "/" not in key or (self.keys and key in self._keys):
+        if "/" not in key or (self._keys_now() and key in self._keys):
             return (key,)
         return tuple(key.split("/"))
 
     def __getitem__(self, key) -> list:
         """Per engine: the key's values with the step as first axis (a numpy array when every
         step has the same dtype and shape, else a list); engines without it give None."""
+        return self._read(lambda t: t._series_values(key))
+
+    def _series_values(self, key) -> list:
         k = self._key(key)
         out = []
         found = False
@@ -320,11 +337,14 @@ class TaskData:
                 out.append(None)
         if not found:
             raise KeyError(f"no key {key!r} in task {self.task_id} (keys: "
-                           f"{', '.join(self.keys) or 'none'})")
+                           f"{', '.join(self._keys_now()) or 'none'})")
         return out
 
     def steps(self, key=None) -> list[np.ndarray]:
         """Per engine: all publication steps, or the steps at which ``key`` was published."""
+        return self._read(lambda t: t._steps_now(key))
+
+    def _steps_now(self, key) -> list[np.ndarray]:
         if key is None:
             return [self._eng[e].steps for e in self.engines]
         k = self._key(key)
@@ -353,6 +373,7 @@ class Run:
         self._f = None
         self._format = L.FORMAT
         self._tasks: dict[int, TaskData] = {}
+        self._in_read = False  # inside _reading: an inner read leaves the retry to the outer
         self.refresh()
 
     # -- file -----------------------------------------------------------------------------------
@@ -430,6 +451,7 @@ class Run:
                     for name in f:
                         if name.startswith("task_"):
                             t = TaskData(f, name, self._format)
+                            t._run = self
                             tasks[t.task_id] = t
                 except BaseException:
                     f.close()
@@ -452,6 +474,35 @@ class Run:
                     raise self._damaged(exc, waited if live else 0.0) from None
                 time.sleep(0.05)
 
+    def _reading(self, read):
+        """``read()``, retried on a fresh open (``refresh()``) when HDF5 cannot read what it
+        reads while the file's writer is live: the writer may be creating groups or datasets
+        outside SWMR mode at that moment, and an SWMR reader then sees torn metadata. Not
+        retried once the file is closed (read once more after a refresh, in case the writer
+        closed it meanwhile), nor beyond ``retry_s``: then a ``SinkFileError`` names what
+        could not be read."""
+        if self._in_read:
+            return read()
+        self._in_read = True
+        try:
+            t0 = time.monotonic()
+            closed_failures = 0
+            while True:
+                try:
+                    return read()
+                except _DamagedRead as exc:
+                    waited = time.monotonic() - t0
+                    sb = _superblock_or_none(self.path)
+                    live = sb is None or sb.writer
+                    if not live:
+                        closed_failures += 1
+                    if closed_failures > 1 or waited > self._retry_s:
+                        raise self._damaged(exc, waited if live else 0.0) from None
+                    time.sleep(0.05)
+                    self.refresh()
+        finally:
+            self._in_read = False
+
     def close(self) -> None:
         """Close the file (also at the end of a ``with`` block)."""
         if self._f is not None:
@@ -472,7 +523,7 @@ class Run:
     def attrs(self) -> dict:
         """The file's attributes: ``mpipub_format``, ``created``, ``nranks``, ``hosts`` (by rank),
         ``closed`` (docs/sink.md, "Layout")."""
-        a = dict(self._f.attrs)
+        a = self._reading(lambda: self._file_attrs(dict))
         if "hosts" in a:
             a["hosts"] = json.loads(a["hosts"])
         return a
@@ -480,7 +531,15 @@ class Run:
     @property
     def closed_cleanly(self) -> bool:
         """True once the writer has closed the file (the job ended)."""
-        return "closed" in self._f.attrs
+        return self._reading(lambda: self._file_attrs(lambda at: "closed" in at))
+
+    def _file_attrs(self, read):
+        """``read(the file's attributes)``, HDF5's failure as a ``_DamagedRead``."""
+        try:
+            return read(self._f.attrs)
+        except (OSError, KeyError) as exc:
+            raise _DamagedRead(f"{self.path}: damaged: cannot read the file's attributes: "
+                               f"{' '.join(str(exc).split())}") from None
 
     @property
     def tasks(self) -> list[int]:

@@ -82,36 +82,44 @@ def _describe_leaf(ed, path) -> str:
     return "; ".join(parts)
 
 
-def cmd_info(args) -> int:
+def _info_lines(run, path) -> list[str]:
     import numpy as np
 
+    a = run.attrs
+    state = "closed" if run.closed_cleanly else "open or interrupted"
+    lines = [f"{path}: mpipub sink format {a.get('mpipub_format')}, created "
+             f"{_fmt_t(float(a.get('created', np.nan)))}, {state}, {len(run.tasks)} tasks"]
+    for tid in run.tasks:
+        t = run.task(tid)
+        lines.append(f"task {tid}: {t.label} function={t.function} args={t.args} "
+                     f"kwargs={t.kwargs}")
+        lines.append(f"  start {_fmt_t(t.start)}  end {_fmt_t(t.end)}")
+        if t.cut_short is not None:
+            lines.append(f"  cut short: {t.cut_short}")
+        for e in t.engines:
+            ed = t.engine(e)
+            n = len(ed.steps)
+            span = (f"steps {int(ed.steps[0])}..{int(ed.steps[-1])}, times "
+                    f"{_fmt_t(ed.times[0])} .. {_fmt_t(ed.times[-1])}") if n else "no steps"
+            lines.append(f"  engine {e} ({ed.host}): {n} publications, {span}")
+        if t.engines:
+            ed = t.engine(t.engines[0])
+            lines.append(f"  keys (engine {t.engines[0]}):")
+            for key in ed.leaves:
+                lines.append(f"    {'/'.join(key)}: {_describe_leaf(ed, key)}")
+    return lines
+
+
+def cmd_info(args) -> int:
     try:
         run = _open(args.path)
     except Exception as exc:  # noqa: BLE001 - one line, no traceback
         return _err("info", exc)
     with run:
-        a = run.attrs
-        state = "closed" if run.closed_cleanly else "open or interrupted"
-        print(f"{args.path}: mpipub sink format {a.get('mpipub_format')}, created "
-              f"{_fmt_t(float(a.get('created', np.nan)))}, {state}, {len(run.tasks)} tasks")
-        for tid in run.tasks:
-            t = run.task(tid)
-            print(f"task {tid}: {t.label} function={t.function} args={t.args} "
-                  f"kwargs={t.kwargs}")
-            print(f"  start {_fmt_t(t.start)}  end {_fmt_t(t.end)}")
-            if t.cut_short is not None:
-                print(f"  cut short: {t.cut_short}")
-            for e in t.engines:
-                ed = t.engine(e)
-                n = len(ed.steps)
-                span = (f"steps {int(ed.steps[0])}..{int(ed.steps[-1])}, times "
-                        f"{_fmt_t(ed.times[0])} .. {_fmt_t(ed.times[-1])}") if n else "no steps"
-                print(f"  engine {e} ({ed.host}): {n} publications, {span}")
-            if t.engines:
-                ed = t.engine(t.engines[0])
-                print(f"  keys (engine {t.engines[0]}):")
-                for path in ed.leaves:
-                    print(f"    {'/'.join(path)}: {_describe_leaf(ed, path)}")
+        # one consistent reading, retried whole on a fresh open where a live writer tears it
+        # (a damaged file: one line, from _guarded)
+        lines = run._reading(lambda: _info_lines(run, args.path))
+    print("\n".join(lines))
     return 0
 
 
