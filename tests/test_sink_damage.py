@@ -199,9 +199,10 @@ def test_killed_file_reads_and_its_truncated_copy_is_refused(killed, tmp_path):
 
 def test_live_file_keeps_reading_while_a_job_writes(tmp_path):
     """A file being written (a new key every 100 steps: the writer leaves SWMR mode to create
-    them, and a read at that moment sees torn metadata: `mpipub info` failed 1 run in 6) is not taken for a damaged one:
-    open/refresh, reads and `mpipub info` keep working (retried on a fresh open), each value
-    read is the one published (no zeros for rows not yet written)."""
+    them, and a read at that moment sees torn metadata) is not taken for a damaged one:
+    open/refresh, reads and `mpipub info` keep working (retried on a fresh open; `mpipub info`
+    failed 1 run in 6 before), each value read is the one published (no zeros for rows not
+    yet written)."""
     import mpipub
 
     sink = tmp_path / "live.h5"
