@@ -316,15 +316,21 @@ def test_a_disk_that_fills_in_the_batch_of_an_engines_first_data_keeps_its_first
         limit = os.path.getsize({str(sink)!r}) + (8 << 20)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
         def task():
+            import time
             import numpy as np
             from mpipub import engine_comm, publish_data
             comm = engine_comm()
+            if comm.rank == 1:  # engine 2 publishes nothing, and ends once engine 1 has sent
+                deadline = time.monotonic() + 30  # it all (bounded, so never a hang)
+                while not comm.iprobe(source=0, tag=7) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                return
             try:
-                if comm.rank == 0:
-                    for i in range(40):                                   # 20 MiB in all
-                        publish_data({{"i": i, "a": np.full(1 << 16, i)}})  # 512 KiB a step
+                for i in range(40):                                       # 20 MiB in all
+                    publish_data({{"i": i, "a": np.full(1 << 16, i)}})  # 512 KiB a step
             finally:  # (the sink's error may stop engine 1's task first: it still gets here)
-                comm.Barrier()  # engine 2 publishes nothing before engine 1 has sent it all
+                comm.send(None, dest=1, tag=7)  # small, so eager: done even where the abort
+                # skipped engine 2's task before it started (a Barrier then hung engine 1)
         ar = c[:].apply_async(task)
         try:
             ar.get(timeout=60)

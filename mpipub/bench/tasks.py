@@ -17,6 +17,7 @@ from mpi4py import MPI
 
 from mpipub import publish_data
 from mpipub.engine import loop as _engine
+from mpipub.engine.contract import BATCH_BYTES
 
 TAG = 77  # raw baseline traffic, on COMM_WORLD
 
@@ -105,6 +106,61 @@ def raw_stream(nmsg: int, nbytes: int, polite: bool = False, copy: bool = False)
         reqs.append(comm.Isend([a, MPI.BYTE], 0, TAG))
     while reqs:
         wait(reqs.popleft())
+
+
+_batch_bufs: list = []
+_batch_ring: dict = {}
+
+
+def raw_batch_stream(nmsg: int, nbytes: int) -> None:
+    """The raw program that does what an engine does with copy semantics, done simply: copy
+    each step into the free one of two preallocated BATCH_BYTES send buffers (an engine's
+    slab), ``Isend`` a buffer once full (so a message carries as many steps as mpipub's
+    batch), wait by testing and sleeping for a buffer to come back. Steps larger than a
+    buffer are sent one to a message."""
+    comm = MPI.COMM_WORLD
+    src = array(nbytes).view(np.uint8)
+    n = src.nbytes
+    size = max(BATCH_BYTES // n, 1) * n
+    if not _batch_bufs or _batch_bufs[0].nbytes < size:
+        _batch_bufs[:] = [np.ones(size, np.uint8) for _ in range(2)]
+    bufs = _batch_bufs
+    reqs: list = [None, None]
+    k = fill = 0
+    for i in range(nmsg):
+        if fill == 0 and reqs[k] is not None:
+            _test_sleep(reqs[k])
+        bufs[k][fill:fill + n] = src
+        fill += n
+        if fill + n > size or i == nmsg - 1:
+            reqs[k] = comm.Isend([bufs[k][:fill], MPI.BYTE], 0, TAG)
+            k ^= 1
+            fill = 0
+    for r in reqs:
+        if r is not None:
+            _test_sleep(r)
+
+
+def raw_recv_batches(total_bytes: int, nbytes: int, how: str = "reuse") -> int:
+    """Rank 0's side of ``raw_batch_stream``: matched probe + ``Recv`` until ``total_bytes``
+    arrived, into one reused buffer (``reuse``, as (a)) or into the next of a ring of
+    buffers totalling ``history_bytes()`` (``ring``, as (b): the memory mpipub keeps)."""
+    comm = MPI.COMM_WORLD
+    st = MPI.Status()
+    size = max(BATCH_BYTES // nbytes, 1) * nbytes
+    k = max(2, history_bytes() // size) if how == "ring" else 1
+    ring = _batch_ring.get((size, k))
+    if ring is None:  # (kept beside (b)'s ring while the size stays: nothing made while timed)
+        for key in [key for key in _batch_ring if key[0] != size]:
+            del _batch_ring[key]
+        ring = _batch_ring[(size, k)] = [np.ones(size, np.uint8) for _ in range(k)]
+    got = i = 0
+    while got < total_bytes:
+        msg = comm.mprobe(MPI.ANY_SOURCE, TAG, st)
+        msg.Recv([ring[i], MPI.BYTE])
+        got += st.Get_count(MPI.BYTE)
+        i = i + 1 if i + 1 < k else 0
+    return got
 
 
 def pub_stream(nmsg: int, nbytes: int, copy: bool) -> None:
