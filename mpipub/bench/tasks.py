@@ -109,19 +109,29 @@ def raw_stream(nmsg: int, nbytes: int, polite: bool = False, copy: bool = False)
 
 
 _batch_bufs: list = []
-_batch_ring: dict = {}
+
+
+def batch_bytes(nbytes: int) -> int:
+    """Bytes of one message of ``raw_batch_stream``: as many whole steps of ``nbytes`` as fit
+    in BATCH_BYTES (an engine's batch), or one step where a step is larger."""
+    return max(BATCH_BYTES // nbytes, 1) * nbytes
+
+
+def batches(nmsg: int, nbytes: int) -> int:
+    """Messages one ``raw_batch_stream(nmsg, nbytes)`` sends (the last may be short)."""
+    return -(-nmsg // (batch_bytes(nbytes) // nbytes))
 
 
 def raw_batch_stream(nmsg: int, nbytes: int) -> None:
     """The raw program that does what an engine does with copy semantics, done simply: copy
-    each step into the free one of two preallocated BATCH_BYTES send buffers (an engine's
-    slab), ``Isend`` a buffer once full (so a message carries as many steps as mpipub's
-    batch), wait by testing and sleeping for a buffer to come back. Steps larger than a
-    buffer are sent one to a message."""
+    each step into the free one of two preallocated ``batch_bytes`` send buffers (an
+    engine's slab), ``Isend`` a buffer once full (so a message carries as many steps as
+    mpipub's batch), wait by testing and sleeping for a buffer to come back. Rank 0 receives
+    it with ``raw_recv`` (``batches`` messages of up to ``batch_bytes``)."""
     comm = MPI.COMM_WORLD
     src = array(nbytes).view(np.uint8)
     n = src.nbytes
-    size = max(BATCH_BYTES // n, 1) * n
+    size = batch_bytes(n)
     if not _batch_bufs or _batch_bufs[0].nbytes < size:
         _batch_bufs[:] = [np.ones(size, np.uint8) for _ in range(2)]
     bufs = _batch_bufs
@@ -139,28 +149,6 @@ def raw_batch_stream(nmsg: int, nbytes: int) -> None:
     for r in reqs:
         if r is not None:
             _test_sleep(r)
-
-
-def raw_recv_batches(total_bytes: int, nbytes: int, how: str = "reuse") -> int:
-    """Rank 0's side of ``raw_batch_stream``: matched probe + ``Recv`` until ``total_bytes``
-    arrived, into one reused buffer (``reuse``, as (a)) or into the next of a ring of
-    buffers totalling ``history_bytes()`` (``ring``, as (b): the memory mpipub keeps)."""
-    comm = MPI.COMM_WORLD
-    st = MPI.Status()
-    size = max(BATCH_BYTES // nbytes, 1) * nbytes
-    k = max(2, history_bytes() // size) if how == "ring" else 1
-    ring = _batch_ring.get((size, k))
-    if ring is None:  # (kept beside (b)'s ring while the size stays: nothing made while timed)
-        for key in [key for key in _batch_ring if key[0] != size]:
-            del _batch_ring[key]
-        ring = _batch_ring[(size, k)] = [np.ones(size, np.uint8) for _ in range(k)]
-    got = i = 0
-    while got < total_bytes:
-        msg = comm.mprobe(MPI.ANY_SOURCE, TAG, st)
-        msg.Recv([ring[i], MPI.BYTE])
-        got += st.Get_count(MPI.BYTE)
-        i = i + 1 if i + 1 < k else 0
-    return got
 
 
 def pub_stream(nmsg: int, nbytes: int, copy: bool) -> None:
@@ -198,18 +186,21 @@ _ring: dict = {}
 
 
 def _ring_of(nbytes: int) -> list:
-    """Baseline (b)'s ring for ``nbytes`` messages, made once per size (pages touched)."""
+    """Baseline (b)'s ring for ``nbytes`` messages, made once per size (pages touched). Two
+    sizes are kept, a case's steps and its batches (``batch_bytes``), so that modes that
+    alternate between them make nothing while timed; an older size's ring is freed."""
     ring = _ring.get(nbytes)
     if ring is None:
-        _ring.clear()  # (one size at a time: the previous size's ring is memory freed)
+        while len(_ring) >= 2:
+            del _ring[next(iter(_ring))]
         k = max(2, history_bytes() // max(1, nbytes))
         ring = _ring[nbytes] = [np.ones(max(1, nbytes // 8)) for _ in range(k)]
     return ring
 
 
 def raw_recv(total: int, nbytes: int, how: str = "reuse", last: dict | None = None) -> int:
-    """Rank 0: matched probe + ``Recv`` of ``total`` messages of ``nbytes``, ``how`` one of
-    RAW_RECEIVERS. ``last``, when given, gets each sender's last arrival time (time.time())."""
+    """Rank 0: matched probe + ``Recv`` of ``total`` messages of up to ``nbytes``, ``how`` one
+    of RAW_RECEIVERS. ``last``, when given, gets each sender's last arrival time (time.time())."""
     comm = MPI.COMM_WORLD
     st = MPI.Status()
     nb = 0

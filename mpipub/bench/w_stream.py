@@ -71,10 +71,10 @@ def stream_case(c, nbytes: int, total: int, modes: list, repeats: int) -> dict:
             # the engine's copy and batching done raw; rawbatchring also keeps what mpipub
             # keeps (a ring as large as the history)
             ar = view.apply_async(tasks.raw_batch_stream, per, nbytes)
-            nb = total * tasks.array(nbytes).nbytes
-            got = tasks.raw_recv_batches(nb, nbytes, "ring" if mode == "rawbatchring" else "reuse")
+            got = tasks.raw_recv(n * tasks.batches(per, nbytes), tasks.batch_bytes(nbytes),
+                                 "ring" if mode == "rawbatchring" else "reuse")
             ar.get()
-            assert got == nb, (got, nb)
+            assert got == total * tasks.array(nbytes).nbytes
         elif mode in ("inline", "split"):
             ar = view.apply_async(tasks.pub_stream_limit, per, nbytes, mode == "inline")
             ar.get()
