@@ -27,6 +27,8 @@ pytest.importorskip("ipykernel")
 from jupyter_client import KernelManager  # noqa: E402
 from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
 
+from mpipub.notebook import ports  # noqa: E402
+
 ENGINES = 2
 START_TIMEOUT_S = 90  # a kernel is ready within this (a slow shared machine)
 CELL_TIMEOUT_S = 60
@@ -93,35 +95,24 @@ class Kernel:
         self.remember()
 
     def _start(self, kernel_dir: Path, name: str) -> None:
-        """Start the kernel and wait until it answers. Its stderr goes to a file, shown when
-        it dies. One death is retried, on new ports, where the kernel could not bind a port:
-        jupyter_client picks free ports and the kernel binds them a moment later, so another
-        process can take one in between (Jupyter's restarter then restarts the kernel on new
-        ports too); any other death fails the test with the kernel's stderr."""
+        """Start the kernel, on ports its MPI job cannot take (mpipub.notebook.ports), and
+        wait until it answers. Its stderr goes to a file, shown when it dies."""
         ksm = KernelSpecManager(kernel_dirs=[str(kernel_dir)])
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         env.pop("MPLBACKEND", None)
-        for attempt in (1, 2):
-            self.km = KernelManager(kernel_name=name, kernel_spec_manager=ksm)
-            self.km.shutdown_wait_time = 10.0
-            log = self.tmp / f"kernel-{time.monotonic_ns()}.stderr"
-            self._close_stderr()
-            # (kept open: restart_kernel() starts the new job with the same arguments)
-            self.stderr = open(log, "w")  # noqa: SIM115 - closed in close()
-            self.km.start_kernel(env=env, cwd=str(ROOT), stderr=self.stderr)
-            if self.kc is not None:
-                self.kc.stop_channels()
-            self.kc = self.km.client()
-            self.kc.start_channels()
-            try:
-                self.kc.wait_for_ready(timeout=START_TIMEOUT_S)
-                return
-            except RuntimeError as exc:
-                said = log.read_text()
-                if attempt == 1 and "Address already in use" in said \
-                        and not self.km.is_alive():
-                    continue
-                raise RuntimeError(f"{exc}; the kernel's stderr:\n{said}") from None
+        self.km = KernelManager(kernel_name=name, kernel_spec_manager=ksm)
+        ports.pin(self.km)
+        self.km.shutdown_wait_time = 10.0
+        log = self.tmp / "kernel.stderr"
+        # (kept open: restart_kernel() starts the new job with the same arguments)
+        self.stderr = open(log, "w")  # noqa: SIM115 - closed in close()
+        self.km.start_kernel(env=env, cwd=str(ROOT), stderr=self.stderr)
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        try:
+            self.kc.wait_for_ready(timeout=START_TIMEOUT_S)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; the kernel's stderr:\n{log.read_text()}") from None
 
     def _close_stderr(self) -> None:
         if self.stderr is not None:
@@ -500,17 +491,10 @@ def test_kernel_that_cannot_start_says_why(tmp_path):
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     try:
-        free = []
-        for _ in range(4):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            free.append(s)
-        ports = [taken.getsockname()[1], *(s.getsockname()[1] for s in free)]
-        for s in free:
-            s.close()
+        chosen = [taken.getsockname()[1], *ports.outside_ephemeral(4)]
         names = ["shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"]
         conn = tmp_path / "kernel.json"
-        conn.write_text(json.dumps({**dict(zip(names, ports)), "ip": "127.0.0.1",
+        conn.write_text(json.dumps({**dict(zip(names, chosen)), "ip": "127.0.0.1",
                                     "transport": "tcp", "key": "k",
                                     "signature_scheme": "hmac-sha256"}))
         job = run_mpi(1 + ENGINES, ["-m", "mpipub.notebook.kernel", "-f", str(conn)],
@@ -520,6 +504,7 @@ def test_kernel_that_cannot_start_says_why(tmp_path):
     assert job.returncode != 0, job.output
     assert "mpipub kernel: rank 0 failed, so the kernel ends" in job.stderr, job.output
     assert "Address already in use" in job.stderr, job.output
+    assert "a port of the connection file was taken" in job.stderr, job.output
 
 
 @pytest.mark.timeout(180)
@@ -565,6 +550,7 @@ def test_example_notebook_end_to_end(kernel_dir, tmp_path):
     assert all(not c.outputs and c.execution_count is None for c in code_cells)
     ksm = KernelSpecManager(kernel_dirs=[str(kernel_dir)])
     km = AsyncKernelManager(kernel_name="mpipub-test", kernel_spec_manager=ksm)
+    ports.pin(km)
     client = nbclient.NotebookClient(nb, km=km, timeout=120, startup_timeout=START_TIMEOUT_S,
                                      resources={"metadata": {"path": str(tmp_path)}})
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

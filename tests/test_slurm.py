@@ -382,8 +382,10 @@ KERNEL_DRIVER = """\
     from jupyter_client import KernelManager
     from jupyter_client.kernelspec import KernelSpecManager
 
+    from mpipub.notebook import ports
     km = KernelManager(kernel_name="mpipub-slurm",
                        kernel_spec_manager=KernelSpecManager(kernel_dirs=[sys.argv[1]]))
+    ports.pin(km)  # ports srun's and MPI's start-up cannot take
     km.start_kernel()
     kc = km.client()
     kc.start_channels()

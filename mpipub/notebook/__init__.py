@@ -9,7 +9,8 @@ What lives here:
   serves as an engine;
 - ``forward``: engine output shown live in the cell that started the task (``[stdout:1]``),
   remote errors rendered readably, and the note an interrupt gives;
-- ``magics``: ``%px`` / ``%%px`` (``%load_ext mpipub``; loaded by default in the kernel).
+- ``magics``: ``%px`` / ``%%px`` (``%load_ext mpipub``; loaded by default in the kernel);
+- ``ports``: kernel ports the MPI job's start-up cannot take, for code that starts kernels itself.
 
 Nothing here is imported by a script or an engine that does not use Jupyter.
 """

@@ -10,6 +10,7 @@ before it signals the launcher.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -75,10 +76,15 @@ def run(world: _comm.World) -> None:
         app.start()
     except SystemExit as exc:  # SIGTERM (client.py turns it into SystemExit)
         code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:  # noqa: BLE001 - os._exit below would end the kernel without a word
+    except BaseException as exc:  # noqa: BLE001 - os._exit below would end it without a word
         code = 1
         sys.__stderr__.write("mpipub kernel: rank 0 failed, so the kernel ends:\n"
                              + traceback.format_exc())
+        if getattr(exc, "errno", None) == errno.EADDRINUSE:
+            sys.__stderr__.write(
+                "mpipub kernel: a port of the connection file was taken between Jupyter "
+                "choosing it and rank 0 binding it (the MPI job's start-up binds ports too); "
+                "Jupyter restarts the kernel on new ports (mpipub.notebook.ports)\n")
     finally:
         stop_engines()
         for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
