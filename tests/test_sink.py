@@ -346,7 +346,7 @@ def fast(n):
 c = Client(sink={str(sink)!r}, _delay_s=0.001, max_queue_items=50, max_queue_bytes=1 << 20)
 snk = c._rt.sinks[0]  # (the queue's peaks and count: no public API, and they are the point)
 t0 = time.perf_counter()
-took = c[:].apply_sync(fast, 1500)
+took = c[:].apply_sync(fast, 3000)
 print("ENGINE_S", min(took), "PEAK", snk.peak_queue_items, snk.peak_queue_bytes)
 c.close()
 print("TOTAL_S", time.perf_counter() - t0, "WRITTEN", snk.written)
@@ -356,19 +356,21 @@ print("TOTAL_S", time.perf_counter() - t0, "WRITTEN", snk.written)
     engine_s = float(out[out.index("ENGINE_S") + 1])
     peak_items = int(out[out.index("PEAK") + 1])
     peak_bytes = int(out[out.index("PEAK") + 2])
-    # the writer needs >= 3000 * 1 ms; each engine can only run ahead of it by its send bound
-    # (256 publications, or two messages: up to 2 x 256), one open batch (256 x 16 KiB = 4 MiB)
-    # and its share of the sink's queue (50), so publish_data must have waited for ~2 x 700
-    # steps to be written (~1.4 s). Without back-pressure the 1500 calls take ~0.05 s; the
-    # bound is loose so that only a producer that never waited fails it.
-    assert engine_s > 0.5, job.stdout
+    # The writer sleeps 1 ms per row, 6000 rows. An engine can be ahead of it by its open batch
+    # (4 MiB: 256 steps), its sends in flight (256 steps, or two messages: 512), the message
+    # rank 0's I/O thread holds while it waits for room in the sink's queue (256) and that
+    # queue (50): ~1,100 steps. So the faster engine's 3,000 calls cannot end before ~1,900
+    # rows are written (>= 1.9 s of the writer's sleeps alone), while a producer that never
+    # waits makes them in ~0.1 s. 1 s between the two: only a producer that never waited (or
+    # one that runs ~900 steps further ahead than the bounds allow) fails it.
+    assert engine_s > 1.0, job.stdout
     assert peak_items <= 50 and peak_bytes <= (1 << 20) + 20000, job.stdout
-    assert "WRITTEN 3000" in job.stdout
+    assert "WRITTEN 6000" in job.stdout
     with h5py.File(sink, "r") as f:
         for e in (1, 2):
             g = f[f"task_0001/engine_{e}"]
-            assert g["step"][:].tolist() == list(range(1500))
-            assert np.array_equal(g["data/a"][:, 0], np.arange(1500))
+            assert g["step"][:].tolist() == list(range(3000))
+            assert np.array_equal(g["data/a"][:, 0], np.arange(3000))
 
 
 def _cli(*args, timeout=60):
