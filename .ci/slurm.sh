@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A single-node SLURM on this machine, for trying the job scripts locally and for CI.
 #
-#   .ci/slurm.sh install   # apt-get install Debian's slurm-wlm and munge (once; as root)
+#   .ci/slurm.sh install   # apt-get install Debian's slurm-wlm, munge and libpmix-dev (once; root)
 #   .ci/slurm.sh start     # write the config, start munged, slurmctld, slurmd; wait until idle
 #   .ci/slurm.sh status    # exit 0 when the controller answers and the node is up
 #   .ci/slurm.sh stop      # cancel every job, stop the three daemons by their PID files
@@ -28,14 +28,16 @@ die() { say "$*"; exit 1; }
 
 install_packages() {
   if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
-      && command -v sbatch >/dev/null; then
+      && command -v sbatch >/dev/null && ldconfig -p | grep -q 'libpmix\.so '; then
     return 0
   fi
   command -v apt-get >/dev/null || die "no apt-get: install SLURM (slurmctld, slurmd, sbatch) and munge by hand"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   # policy-rc.d (Docker images have one) keeps the packages from starting their daemons.
-  apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+  # libpmix-dev: SLURM's pmix plugin (srun --mpi=pmix, what Open MPI 5 needs) loads libpmix.so,
+  # which only the -dev package provides; without it `srun --mpi=pmix` says "Invalid MPI type".
+  apt-get install -y -qq --no-install-recommends slurm-wlm munge libpmix-dev >/dev/null
 }
 
 write_config() {

@@ -58,9 +58,9 @@ def add_command(sub) -> None:
                    help="directory the job runs in (default: the current one)")
     j.add_argument("--launcher", choices=("srun", "mpiexec"), default="srun",
                    help="srun (default), or the mpiexec beside this python inside the job")
-    j.add_argument("--mpi", default="pmi2",
-                   help="srun's MPI plugin (default pmi2, what pip's MPICH needs; see "
-                   "`srun --mpi=list`)")
+    j.add_argument("--mpi", default=None,
+                   help="srun's MPI plugin (default: the one this python's MPI needs, pmi2 "
+                   "for MPICH, pmix for Open MPI; see `srun --mpi=list`)")
     j.add_argument("--sink", metavar="PATH", help="store every publication in this HDF5 file")
     j.add_argument("--signal-lead", type=int, default=DEFAULT_SIGNAL_LEAD_S, metavar="S",
                    help="SLURM sends SIGUSR1 this many seconds before the time limit; mpipub "
@@ -167,18 +167,21 @@ def render(args) -> str:
         raise JobscriptError(f"no such script: {os.path.join(chdir, args.script)}")
     python = sys.executable
     if args.launcher == "srun":
-        plugin = args.mpi.lower()
+        from .launcher import srun_mpi
+
+        mpi = args.mpi or srun_mpi()
+        plugin = mpi.lower()
         if plugin == "none":
             raise JobscriptError(
                 "--mpi none: srun would start every task as its own one-rank MPI job (no "
-                "engines); give the PMI plugin of your MPI (pip's mpich: pmi2)")
+                f"engines); give the PMI plugin of your MPI (this python's: {srun_mpi()})")
         if plugin.startswith("pmix") and _pip_mpich():
             raise JobscriptError(
                 f"--mpi {args.mpi}: mpi4py here uses pip's MPICH ({python}), which has no "
                 "PMIx; use --mpi pmi2, or --launcher mpiexec")
-        launch = f"srun --mpi={shlex.quote(args.mpi)}"
+        launch = f"srun --mpi={shlex.quote(mpi)}"
     else:
-        if args.mpi != "pmi2":
+        if args.mpi is not None:
             raise JobscriptError(f"--mpi {args.mpi} is srun's option; --launcher mpiexec "
                                  "starts the ranks with mpiexec")
         mpiexec = _mpiexec_beside(python)

@@ -16,10 +16,14 @@ the notebook kernelspec, ``mpipub jobscript``, ``jobscripts/local.sh``) goes thr
   ("The PMIx server's listener thread failed to start") when its pid comes round again (pids
   wrap at ``/proc/sys/kernel/pid_max``) and finds the old folder's rendezvous file.
 
-Public API (documented in README.md, "Open MPI"): ``mpi_flavour``, ``find_mpiexec``,
-``mpiexec_command``, ``openmpi_flags`` (for a launcher given by the user, e.g. the notebook
-kernelspec's ``--mpiexec``) and ``clear_stale_openmpi_sessions``; ``python -m
-mpipub.launcher -n N PROGRAM [ARGS]`` runs the command.
+Under SLURM, ``srun`` needs the PMI plugin of the MPI instead (``srun_mpi``): ``pmi2`` for
+MPICH (pip's ``mpich`` has no PMIx), ``pmix`` for Open MPI (5 speaks PMIx only).
+
+Public API (documented in README.md, "Open MPI" and "On a cluster"): ``mpi_flavour``,
+``find_mpiexec``, ``mpiexec_command``, ``openmpi_flags`` (for a launcher given by the user,
+e.g. the notebook kernelspec's ``--mpiexec``), ``clear_stale_openmpi_sessions`` and
+``srun_mpi``; ``python -m mpipub.launcher -n N PROGRAM [ARGS]`` runs the command, ``python -m
+mpipub.launcher --srun-mpi`` prints the plugin (the job scripts ask it).
 """
 
 from __future__ import annotations
@@ -32,21 +36,15 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
+from .transport.comm import flavour_of, srun_plugin
+
 __all__ = ["mpi_flavour", "find_mpiexec", "mpiexec_command", "openmpi_flags",
-           "clear_stale_openmpi_sessions"]
+           "clear_stale_openmpi_sessions", "srun_mpi"]
 
 #: Asks a Python which MPI library its mpi4py loads, without initialising MPI (no singleton
 #: start-up, no launcher needed). Prints MPI_Get_library_version's string.
 _PROBE = ("import mpi4py; mpi4py.rc.initialize = False; mpi4py.rc.finalize = False; "
           "from mpi4py import MPI; print(MPI.Get_library_version())")
-
-
-def _flavour_of(text: str) -> str:
-    if "Open MPI" in text or "OpenRTE" in text:
-        return "openmpi"
-    if any(name in text for name in ("MPICH", "HYDRA", "Intel(R) MPI", "MVAPICH")):
-        return "mpich"
-    return "other"
 
 
 def mpi_flavour(python: Optional[str] = None) -> str:
@@ -57,7 +55,7 @@ def mpi_flavour(python: Optional[str] = None) -> str:
     python = os.path.abspath(python or sys.executable)  # not realpath: a venv's python
     mod = sys.modules.get("mpi4py.MPI")
     if mod is not None and python == os.path.abspath(sys.executable):
-        return _flavour_of(mod.Get_library_version())
+        return flavour_of(mod.Get_library_version())
     return _probe_flavour(python)
 
 
@@ -68,7 +66,7 @@ def _probe_flavour(python: str) -> str:
                              timeout=120, stdin=subprocess.DEVNULL).stdout
     except (OSError, subprocess.TimeoutExpired):
         out = ""
-    flavour = _flavour_of(out)
+    flavour = flavour_of(out)
     if flavour == "other":  # no mpi4py there: ask the launcher that would start the job
         mpiexec = find_mpiexec(python)
         if mpiexec:
@@ -77,7 +75,7 @@ def _probe_flavour(python: str) -> str:
                                      timeout=60, stdin=subprocess.DEVNULL).stdout
             except (OSError, subprocess.TimeoutExpired):
                 out = ""
-            flavour = _flavour_of(out)
+            flavour = flavour_of(out)
     return flavour
 
 
@@ -206,6 +204,12 @@ def mpiexec_command(nranks: int, argv: Sequence[str], *, python: Optional[str] =
     return [mpiexec, "-n", str(int(nranks)), *extra, *argv]
 
 
+def srun_mpi(python: Optional[str] = None) -> str:
+    """``srun``'s ``--mpi`` plugin for the MPI that ``python``'s mpi4py uses: ``pmix`` for
+    Open MPI, ``pmi2`` otherwise (MPICH and its derivatives; ask the site for another MPI)."""
+    return srun_plugin(mpi_flavour(python))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m mpipub.launcher [--print] -n N PROGRAM [ARGS]``: run (or print) PROGRAM
     on N ranks with the mpiexec command line this MPI needs."""
@@ -213,10 +217,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import shlex
 
     p = argparse.ArgumentParser(prog="python -m mpipub.launcher", description=main.__doc__)
-    p.add_argument("-n", type=int, required=True, metavar="N", help="number of ranks")
+    p.add_argument("-n", type=int, metavar="N", help="number of ranks")
     p.add_argument("--print", action="store_true", help="print the command, do not run it")
+    p.add_argument("--srun-mpi", action="store_true",
+                   help="print srun's --mpi plugin for this MPI (pmi2 or pmix) and exit")
     p.add_argument("program", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
+    if args.srun_mpi:
+        print(srun_mpi())
+        return 0
+    if args.n is None:
+        p.error("-n N is required")
     if not args.program:
         p.error("PROGRAM is missing")
     if args.n < 1:

@@ -7,6 +7,7 @@ runtime messages; tasks get a communicator holding the engines only (``engine_co
 from __future__ import annotations
 
 import os
+import sys
 
 from ..errors import LaunchError
 
@@ -21,14 +22,53 @@ CLIENT_RANK = 0
 LAUNCH_HINT = (
     "Launch mpipub as one MPI job with at least 2 ranks (rank 0 is the client, the others "
     "are engines), e.g. `mpiexec -n 5 python script.py`, `mpiexec -n 5 python -m mpipub run "
-    "script.py`, or under SLURM `srun --mpi=pmi2 -n 5 python script.py`. "
+    "script.py`, or under SLURM `srun --mpi=pmi2 -n 5 python script.py` (Open MPI: "
+    "`--mpi=pmix`). "
     "(`srun --mpi=none` starts N separate one-rank jobs.)"
 )
+
+
+def flavour_of(library_version: str) -> str:
+    """``"openmpi"``, ``"mpich"`` (MPICH or a derivative) or ``"other"``, from the text of
+    ``MPI_Get_library_version`` (or of ``mpiexec --version``)."""
+    if "Open MPI" in library_version or "OpenRTE" in library_version:
+        return "openmpi"
+    if any(name in library_version for name in ("MPICH", "HYDRA", "Intel(R) MPI", "MVAPICH")):
+        return "mpich"
+    return "other"
+
+
+def srun_plugin(flavour: str) -> str:
+    """``srun``'s ``--mpi`` plugin for an MPI flavour: Open MPI 5 speaks PMIx only, pip's MPICH
+    has no PMIx (PMI-2 is what MPICH's derivatives take too)."""
+    return "pmix" if flavour == "openmpi" else "pmi2"
+
+
+def _pmix_native_security() -> None:
+    """Under ``srun --mpi=pmix`` SLURM offers PMIx's security modes munge and native
+    (``PMIX_SECURITY_MODE``); the PMIx inside pip's Open MPI has no munge module, and its
+    client then prints a help-file stub ("Sorry! ... find-available:not-valid") twice per
+    rank before it settles on native. Choose native first where SLURM offers it and the user
+    chose nothing (``PMIX_MCA_psec``)."""
+    if "PMIX_MCA_psec" in os.environ:
+        return
+    if "native" not in os.environ.get("PMIX_SECURITY_MODE", "").split(","):
+        return
+    from importlib import metadata
+
+    try:
+        metadata.version("openmpi")
+    except metadata.PackageNotFoundError:
+        return  # a site's Open MPI: its PMIx is the cluster's, munge included
+    os.environ["PMIX_MCA_psec"] = "native"
 
 
 def _mpi():
     """Import mpi4py asking for MPI_THREAD_MULTIPLE (the client's I/O thread needs it)."""
     import mpi4py
+
+    if "mpi4py.MPI" not in sys.modules:
+        _pmix_native_security()
 
     if not mpi4py.rc.initialize:  # pragma: no cover - the user turned auto-init off
         raise LaunchError("mpi4py.rc.initialize is False; mpipub needs mpi4py to initialise MPI")
@@ -122,11 +162,21 @@ def _refuse_world_of_one() -> None:
     raise LaunchError(
         f"the launcher started {ntasks} tasks, but MPI gave each a world of one rank: the "
         "MPI that mpi4py uses does not understand the launcher, so there are no engines and "
-        "no rank ran the script. Under srun, pass the PMI plugin of that MPI: for pip's "
-        "`mpich` `srun --mpi=pmi2` (see `srun --mpi=list`); or build mpi4py against the "
+        f"no rank ran the script. Under srun, pass the PMI plugin of that MPI: for this "
+        f"one (`{_library()}`) `srun --mpi={srun_plugin(flavour_of(_library()))}` (see "
+        "`srun --mpi=list`; pip's `mpich` takes pmi2, Open MPI pmix); or build mpi4py against the "
         "cluster's MPI (`module load` it, then `pip install --no-binary=mpi4py mpi4py` and "
         "install mpipub without the `mpich` extra), or use that MPI's own mpiexec."
     )
+
+
+def _library() -> str:
+    """The MPI library's name and version, for messages ("MPICH Version: 5.0.2",
+    "Open MPI v5.0.11")."""
+    from mpi4py import MPI
+
+    first = MPI.Get_library_version().strip().splitlines()[0]
+    return " ".join(first.split(",")[0].split())
 
 
 def finalize() -> None:
