@@ -28,7 +28,7 @@ die() { say "$*"; exit 1; }
 
 install_packages() {
   if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
-      && command -v sbatch >/dev/null && ldconfig -p | grep -q 'libpmix\.so '; then
+      && command -v sbatch >/dev/null && ldconfig -p | grep 'libpmix\.so ' >/dev/null; then
     return 0
   fi
   command -v apt-get >/dev/null || die "no apt-get: install SLURM (slurmctld, slurmd, sbatch) and munge by hand"

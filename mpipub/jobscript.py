@@ -228,7 +228,8 @@ def render(args) -> str:
         f"other rank is an engine. The job runs in {chdir}. {warn} to the launcher, which "
         "passes it to every rank: mpipub aborts the running tasks, closes the sink (the task "
         "marked cut short) and ends with status 138. scancel and the time limit itself send "
-        "SIGTERM to every rank: the same, with status 143."
+        "SIGTERM to every rank: the same, with status 143 (with Open MPI's mpiexec "
+        "(--launcher mpiexec) the ranks are ended after it: see README, Open MPI)."
     )
     header = textwrap.fill(about, width=92, initial_indent="# ", subsequent_indent="# ",
                            break_on_hyphens=False, break_long_words=False)

@@ -148,3 +148,13 @@ def test_a_deliberate_one_rank_run_gets_the_plain_error(tmp_path):
                        env=env, capture_output=True, text=True, timeout=45)
     assert r.returncode == 2 and "single MPI rank" in r.stderr, r.stderr
     assert "client ready" not in r.stdout
+
+
+def test_launcher_names_the_srun_plugin_of_this_mpi():
+    """The job scripts ask `python -m mpipub.launcher --srun-mpi` which plugin to give srun."""
+    r = subprocess.run([sys.executable, "-m", "mpipub.launcher", "--srun-mpi"], env=mpi_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == PLUGIN, (r.stdout, r.stderr)
+    r = subprocess.run([sys.executable, "-m", "mpipub.launcher", "true"], env=mpi_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "-n N is required" in r.stderr, r.stderr

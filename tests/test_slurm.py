@@ -308,7 +308,7 @@ def test_generated_script_runs(launcher, jobs, workdir, tmp_path):
 def test_scancel_cuts_the_run_short_and_keeps_the_file(template, jobs, workdir):
     """scancel (SIGTERM to every rank) while engines publish: the job is CANCELLED, rank 0
     says once why and where each engine was, and the sink is closed cleanly with every step
-    up to the signal, its task marked cut short."""
+    up to the signal, its task marked cut short (Open MPI's mpiexec: see below)."""
     out = workdir / "job.out"
     job = jobs.submit([f"--ntasks={NTASKS}", "--time=5", f"--output={out}",
                        str(JOBSCRIPTS / template), "--sink", "run.h5", "sim.py",

@@ -84,7 +84,8 @@ def run(world: _comm.World) -> None:
             sys.__stderr__.write(
                 "mpipub kernel: a port of the connection file was taken between Jupyter "
                 "choosing it and rank 0 binding it (the MPI job's start-up binds ports too); "
-                "Jupyter restarts the kernel on new ports (mpipub.notebook.ports)\n")
+                "Jupyter's restarter starts the kernel again (the job that took it has ended by "
+                "then, which frees it)\n")
     finally:
         stop_engines()
         for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):

@@ -5,7 +5,7 @@ kernelspec's argv; rank 0 binds them only after ``mpiexec``, its proxies and eve
 ``MPI_Init`` have bound ports of their own. Those are ephemeral ports (bound to port 0), drawn
 from the same range jupyter_client's picks come from, so now and then one of the kernel's ports
 is gone before rank 0 binds it ("Address already in use": it failed a CI run). Jupyter's
-restarter then starts the kernel again on new ports; code that starts mpipub kernels itself with
+restarter then starts the kernel again; code that starts mpipub kernels itself with
 jupyter_client (the tests, ``mpipub.bench``) calls ``pin`` first: ports outside the ephemeral
 range are never handed out to a bind on port 0.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import socket
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +59,16 @@ def outside_ephemeral(count: int, ip: str = "127.0.0.1") -> list[int]:
 
 def pin(km: Any) -> None:
     """Give a tcp jupyter_client KernelManager, before ``start_kernel()``, five ports outside the
-    ephemeral range (and stop it picking its own): restarts keep them."""
+    ephemeral range (and stop it picking its own): restarts keep them. Where the range
+    leaves no room, it warns and leaves the picking to jupyter_client."""
     if km.transport != "tcp":
         return
+    try:
+        ports = outside_ephemeral(len(PORT_NAMES), km.ip)
+    except RuntimeError as exc:  # no room outside the range: jupyter_client picks, as ever
+        warnings.warn(f"mpipub.notebook.ports: {exc}; the kernel's ports are picked by "
+                      "jupyter_client", stacklevel=2)
+        return
     km.cache_ports = False
-    for name, port in zip(PORT_NAMES, outside_ephemeral(len(PORT_NAMES), km.ip), strict=True):
+    for name, port in zip(PORT_NAMES, ports):
         setattr(km, name, port)

@@ -48,7 +48,7 @@ def _pmix_native_security() -> None:
     """Under ``srun --mpi=pmix`` SLURM offers PMIx's security modes munge and native
     (``PMIX_SECURITY_MODE``); the PMIx inside pip's Open MPI has no munge module, and its
     client then prints a help-file stub ("Sorry! ... find-available:not-valid") twice per
-    rank before it settles on native. Choose native first where SLURM offers it and the user
+    rank before it settles on native. Choose native alone where SLURM offers it and the user
     chose nothing (``PMIX_MCA_psec``)."""
     if "PMIX_MCA_psec" in os.environ:
         return
@@ -159,13 +159,17 @@ def _refuse_world_of_one() -> None:
     ntasks, index = started
     if index != 0:
         raise SystemExit(1)  # task 0 says why, once for the whole job
+    library = _library()
+    flavour = flavour_of(library)
+    plugin = (f"for this one (`{library}`) `srun --mpi={srun_plugin(flavour)}`"
+              if flavour != "other" else f"`{library}` is neither MPICH nor Open MPI: ask "
+              "the site which")
     raise LaunchError(
         f"the launcher started {ntasks} tasks, but MPI gave each a world of one rank: the "
         "MPI that mpi4py uses does not understand the launcher, so there are no engines and "
-        f"no rank ran the script. Under srun, pass the PMI plugin of that MPI: for this "
-        f"one (`{_library()}`) `srun --mpi={srun_plugin(flavour_of(_library()))}` (see "
-        "`srun --mpi=list`; pip's `mpich` takes pmi2, Open MPI pmix); or build mpi4py against the "
-        "cluster's MPI (`module load` it, then `pip install --no-binary=mpi4py mpi4py` and "
+        f"no rank ran the script. Under srun, pass the PMI plugin of that MPI: {plugin} (see "
+        "`srun --mpi=list`; pip's `mpich` takes pmi2, Open MPI pmix); or build mpi4py against "
+        "the cluster's MPI (`module load` it, then `pip install --no-binary=mpi4py mpi4py` and "
         "install mpipub without the `mpich` extra), or use that MPI's own mpiexec."
     )
 
@@ -175,8 +179,8 @@ def _library() -> str:
     "Open MPI v5.0.11")."""
     from mpi4py import MPI
 
-    first = MPI.Get_library_version().strip().splitlines()[0]
-    return " ".join(first.split(",")[0].split())
+    lines = MPI.Get_library_version().strip().splitlines() or ["an unnamed MPI library"]
+    return " ".join(lines[0].split(",")[0].split())
 
 
 def finalize() -> None:
