@@ -369,6 +369,22 @@ def test_every_value_kind_arrives_exactly_when_publications_coalesce(mpi_script)
         ar = c[1].apply_async(big_zero_copy)
         ar.get(timeout=60)
         assert np.all(ar.data["a"] == 7.0)
+        # zero-copy arrays starting anywhere in a cache line arrive whole, and at the same
+        # offset in a line as on the engine (wire.CACHE_LINE: the kernel's copy at full speed)
+        def zero_copy_offsets():
+            import numpy as np
+            from mpipub import publish_data
+            n = 1 << 19  # 4 MiB: wire.ZERO_COPY_MIN
+            views = {f"a{k}": np.arange(n + 8, dtype=np.float64)[k:k + n] * (k + 1)
+                     for k in (0, 1, 2, 3, 5)}
+            publish_data(views, copy=False)
+            return {k: (v.copy(), v.ctypes.data % 64) for k, v in views.items()}
+        ar = c[1].apply_async(zero_copy_offsets)
+        sent = ar.get(timeout=60)
+        for k, (v, at) in sent.items():
+            got = ar.data[k]
+            assert np.array_equal(got, v), k
+            assert got.ctypes.data % 64 == at, (k, got.ctypes.data % 64, at)
         print("OK values")
     """, nranks=3, timeout=120)
     ok(job, "OK values")

@@ -65,3 +65,30 @@ def test_received_buffers_are_reused_only_when_nothing_views_them():
     gc.collect()
     third = pool.take(100_000)
     assert third.nbytes == 100_000
+
+
+def test_received_buffers_start_at_the_senders_offset_in_a_cache_line():
+    # the kernel's single-copy transfer runs at half speed between addresses that differ
+    # mod 64 (wire.CACHE_LINE); buffers at an offset must still never overlap
+    pool = wire.RecvPool()
+    lent = []
+    for n in (100_000, 1 << 20, (4 << 20) + 8):
+        for at in (0, 8, 16, 40, 63):
+            for take in (pool.take, wire._empty_at):
+                b = take(n, at)
+                assert b.nbytes == n and _span(b)[0] % wire.CACHE_LINE == at, (n, at, take)
+                b[:] = at
+                lent.append(b)
+    spans = sorted(_span(b) for b in lent)
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+    assert all(np.all(b == b[0]) for b in lent)
+
+
+def test_a_header_carries_each_buffers_length_and_offset_in_a_cache_line():
+    base = np.arange(300_000, dtype=np.uint8)
+    bufs = [base[5:100_005], base[64:200_064]]
+    enc = wire.frame(wire.DATA, 1, 2, 0.0, b"body", bufs)
+    off = wire._FIXED.size
+    entries = [wire._BUF.unpack_from(enc.header, off + 8 * i)[0] for i in range(2)]
+    assert [e >> wire.LINE_BITS for e in entries] == [100_000, 200_000]
+    assert [e % wire.CACHE_LINE for e in entries] == [_span(b)[0] % 64 for b in bufs]

@@ -151,7 +151,9 @@ def raw_batch_stream(nmsg: int, nbytes: int) -> None:
             _test_sleep(r)
 
 
-def pub_stream(nmsg: int, nbytes: int, copy: bool) -> None:
+def pub_stream(nmsg: int, nbytes: int, *, copy: bool) -> None:
+    """Publish the same array ``nmsg`` times (``copy``: publish_data's, keyword-only: the
+    bench's copy and zero-copy rows were swapped until 2026-12-06 by a positional flag)."""
     a = array(nbytes)
     for _ in range(nmsg):
         publish_data({"a": a}, copy=copy)

@@ -34,10 +34,10 @@ def main() -> None:
     # warm up, as the baseline is warm (its array, h5py): the first WARM_BYTES of a run fill
     # the engines' and rank 0's buffer pools (fresh pages; on this VM ~1 GB/s to touch)
     warm = max(1, min(per, WARM_BYTES // len(c) // p["nbytes"]))
-    c[:].apply_async(tasks.pub_stream, warm, p["nbytes"], True).get()
+    c[:].apply_async(tasks.pub_stream, warm, p["nbytes"], copy=True).get()
     tasks.wait_at_gate(p)
     t0 = time.perf_counter()
-    c[:].apply_async(tasks.pub_stream, per, p["nbytes"], True).get()
+    c[:].apply_async(tasks.pub_stream, per, p["nbytes"], copy=True).get()
     c._rt.sinks.remove(sink)  # close the sink alone: every step is in the closed file
     sink.close()
     dt = time.perf_counter() - t0

@@ -79,7 +79,7 @@ def stream_case(c, nbytes: int, total: int, modes: list, repeats: int) -> dict:
             ar = view.apply_async(tasks.pub_stream_limit, per, nbytes, mode == "inline")
             ar.get()
         else:
-            ar = view.apply_async(tasks.pub_stream, per, nbytes, mode == "zerocopy")
+            ar = view.apply_async(tasks.pub_stream, per, nbytes, copy=mode != "zerocopy")
             ar.get()
             stats = ar.stats
             pubs = sum(s.publications for s in stats.values())

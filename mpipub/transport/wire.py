@@ -6,7 +6,10 @@ one MPI message: the header carries the buffers inline (one copy, cheap below th
 and much faster than two messages). The header is bytes:
 
     magic kind inline pad (u8 each) nbufs(u32) task_id(i64) step(i64) time(f64) bodylen(u64)
-    count(u32) payload(u64) last_time(f64) | buflen(u64) * nbufs | body (pickle) | [inline buffers]
+    count(u32) payload(u64) last_time(f64) | buf(u64) * nbufs | body (pickle) | [inline buffers]
+
+where each ``buf`` is a raw buffer's length << 6 | its address mod 64 on the sender (the
+receiver puts its copy at the same offset in a cache line: see CACHE_LINE),
 
 so routing fields are read without unpickling, and a body that fails to unpickle still says
 which task and step it belonged to. For a batch of publications, ``step``/``time`` are its
@@ -28,8 +31,17 @@ from .polling import Backoff
 MAGIC = 0xB5
 # magic kind inline pad nbufs task_id step time bodylen count payload last_time
 _FIXED = struct.Struct("<BBBxIqqdQIQd")
-_LEN = struct.Struct("<Q")
+_BUF = struct.Struct("<Q")  # a raw buffer: length << LINE_BITS | sender's address mod CACHE_LINE
 ALIGN = 16
+
+#: Raw buffers are received at the sender's address mod CACHE_LINE. The kernel's single-copy
+#: transfer between ranks of a node (CMA, under MPICH and Open MPI) ran at about half speed
+#: between buffers whose addresses differ mod 64: 9-10 GB/s against 16-18 GB/s at 16 MiB
+#: (docs/benchmarks.md, "Receive buffers at the sender's alignment"). A numpy array of a few
+#: MiB starts 16 bytes into its page, mpipub's pooled buffers at 0: every ``copy=False``
+#: publication took the slow copy.
+CACHE_LINE = 64
+LINE_BITS = 6
 
 #: Publications whose raw buffers total at most this many bytes travel as one MPI message:
 #: up to here one message carrying a copy beats a header plus a raw buffer; above it the raw
@@ -64,6 +76,26 @@ def _empty(nbytes: int):
     """Uninitialised bytes to receive into (numpy: no zero-fill of large buffers)."""
     np = _np()
     return np.empty(nbytes, np.uint8)
+
+
+def address(buf) -> int:
+    """Where a contiguous buffer's first byte is in memory."""
+    np = _np()
+    return np.frombuffer(buf, np.uint8).__array_interface__["data"][0]
+
+
+def _line_offset(backing, nbytes: int, at: int) -> int:
+    """Where in ``backing`` ``nbytes`` start at ``at`` mod CACHE_LINE (0 where there is no
+    room for that)."""
+    off = (at - address(backing)) % CACHE_LINE
+    return off if off + nbytes <= memoryview(backing).nbytes else 0
+
+
+def _empty_at(nbytes: int, at: int = 0):
+    """Uninitialised bytes to receive into, starting at ``at`` mod CACHE_LINE."""
+    raw = _empty(nbytes + CACHE_LINE)
+    off = _line_offset(raw, nbytes, at)
+    return raw[off:off + nbytes]
 
 
 #: Pooled buffers of at least HUGE_MIN bytes are carved from 2 MiB-aligned memory that the
@@ -155,12 +187,14 @@ def frame(kind: int, task_id: int, step: int, t: float, body, buffers: list, *,
     inline = total <= INLINE_LIMIT
     fixed = _FIXED.pack(MAGIC, kind, 1 if inline else 0, len(lens), task_id, step, t, len(body),
                         count, payload, t if last_t is None else last_t)
-    lens_b = b"".join([_LEN.pack(n) for n in lens])
     if not inline:
-        header = b"".join((fixed, lens_b, body))
+        bufs_b = b"".join([_BUF.pack(n << LINE_BITS | address(b) % CACHE_LINE)
+                           for b, n in zip(buffers, lens)])
+        header = b"".join((fixed, bufs_b, body))
         return Encoded(header, buffers, len(header) + total, recycle, count)
-    parts = [fixed, lens_b, body]
-    off = len(fixed) + len(lens_b) + len(body)
+    bufs_b = b"".join([_BUF.pack(n << LINE_BITS) for n in lens])
+    parts = [fixed, bufs_b, body]
+    off = len(fixed) + len(bufs_b) + len(body)
     for b, n in zip(buffers, lens):
         p = _pad(off)
         if p:
@@ -206,9 +240,9 @@ def _pieces(buf) -> list:
     return [mv[i : i + MAX_PIECE] for i in range(0, mv.nbytes, MAX_PIECE)]
 
 
-def recv_message(comm, MPI, msg, status, buf_tag: int, alloc: Callable = _empty) -> Message:
+def recv_message(comm, MPI, msg, status, buf_tag: int, alloc: Callable = _empty_at) -> Message:
     """Receive a matched header and the raw buffers that follow it from the same sender
-    (into buffers from ``alloc(nbytes)``)."""
+    (into buffers from ``alloc(nbytes, at)``, ``at`` the sender's address mod CACHE_LINE)."""
     n = status.Get_count(MPI.BYTE)
     source = status.Get_source()
     header = bytearray(n)
@@ -219,7 +253,7 @@ def recv_message(comm, MPI, msg, status, buf_tag: int, alloc: Callable = _empty)
     if magic != MAGIC:
         raise ValueError(f"rank {source} sent a message that is not mpipub's (bad magic byte)")
     off = _FIXED.size
-    lens = [_LEN.unpack_from(mv, off + 8 * i)[0] for i in range(nbufs)] if nbufs else ()
+    bufs_at = [_BUF.unpack_from(mv, off + 8 * i)[0] for i in range(nbufs)] if nbufs else ()
     off += 8 * nbufs
     m = Message()
     m.source, m.kind, m.task_id, m.step, m.time = source, kind, task_id, step, t
@@ -228,13 +262,15 @@ def recv_message(comm, MPI, msg, status, buf_tag: int, alloc: Callable = _empty)
     off += bodylen
     bufs = []
     if inline:
-        for nb in lens:
+        for e in bufs_at:
+            nb = e >> LINE_BITS
             off += _pad(off)
             bufs.append(mv[off : off + nb])
             off += nb
     else:
-        for nb in lens:
-            b = alloc(nb)
+        for e in bufs_at:
+            nb = e >> LINE_BITS
+            b = alloc(nb, e & (CACHE_LINE - 1))
             if nb <= MAX_PIECE:
                 comm.Recv([b, MPI.BYTE], source=source, tag=buf_tag)
             else:  # in the pieces the sender sent (in order: one sender, one tag)
@@ -316,13 +352,16 @@ class RecvPool:
         step = (64 << 10) if n <= (2 << 20) else (1 << 20)
         return -(-n // step) * step
 
-    def take(self, nbytes: int):
+    def take(self, nbytes: int, at: int = 0):
+        """An array of ``nbytes`` starting at ``at`` mod CACHE_LINE (the sender's offset)."""
         returned = self._returned_backings
         while returned:
             self.backings.give(returned.popleft())
-        backing = self.backings.take(self.size_class(nbytes))
+        # (pooled backings start on a cache line: room for an offset only where one is asked)
+        backing = self.backings.take(self.size_class(nbytes + (CACHE_LINE if at else 0)))
         np = _np()
-        lent = np.frombuffer(memoryview(backing), np.uint8, nbytes)
+        lent = np.frombuffer(memoryview(backing), np.uint8, nbytes,
+                             _line_offset(backing, nbytes, at))
         ref = self._ref(lent, self._returned)  # (arrays are unhashable: key by the ref's id)
         self._lent[id(ref)] = (ref, backing)
         return lent
