@@ -92,3 +92,18 @@ def test_a_header_carries_each_buffers_length_and_offset_in_a_cache_line():
     entries = [wire._BUF.unpack_from(enc.header, off + 8 * i)[0] for i in range(2)]
     assert [e >> wire.LINE_BITS for e in entries] == [100_000, 200_000]
     assert [e % wire.CACHE_LINE for e in entries] == [_span(b)[0] % 64 for b in bufs]
+
+
+def test_a_buffer_at_an_offset_reuses_the_memory_of_one_that_was_not():
+    # copy (offset 0) and zero-copy (a numpy array's offset) publications of one size share
+    # rank 0's receive memory: a backing of its own size class each time was fresh pages
+    pool = wire.RecvPool()
+    for first, then in ((0, 16), (16, 0), (40, 8)):
+        a = pool.take(16 << 20, first)
+        start = _span(a)[0] - first
+        del a
+        gc.collect()
+        b = pool.take(16 << 20, then)
+        assert _span(b)[0] - then == start, (first, then)
+        del b
+        gc.collect()

@@ -357,8 +357,11 @@ class RecvPool:
         returned = self._returned_backings
         while returned:
             self.backings.give(returned.popleft())
-        # (pooled backings start on a cache line: room for an offset only where one is asked)
-        backing = self.backings.take(self.size_class(nbytes + (CACHE_LINE if at else 0)))
+        # Every backing has a cache line to spare, so that a buffer at an offset takes one of
+        # the same size class as one that is not: copy and zero-copy publications of a size
+        # reuse the same memory instead of each mapping fresh pages (the spare line of a
+        # buffer at offset 0 is never touched, so it costs no memory).
+        backing = self.backings.take(self.size_class(nbytes) + CACHE_LINE)
         np = _np()
         lent = np.frombuffer(memoryview(backing), np.uint8, nbytes,
                              _line_offset(backing, nbytes, at))
