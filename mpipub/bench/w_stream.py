@@ -21,15 +21,20 @@ def _timed(fn) -> float:
 
 
 def _interleaved(run, modes: list, repeats: int, amount: float) -> dict:
-    """Warm every mode up once, then time ``repeats`` rounds, rotating which mode goes first
-    (so drift on a shared machine hits every mode alike); return amount/second per repeat."""
-    for m in modes:
-        run(m)
+    """Time ``repeats`` rounds of every mode, rotating which goes first (so drift on a shared
+    machine hits every mode alike); return amount/second per repeat. ``run(mode, timed)``.
+
+    Each timed run follows an untimed run of the same mode, so that no mode pays for the
+    caches, pools and pages the previous mode left: with a rotation alone each mode always
+    followed the same other one, and mpipub's copy row, right after the raw ring receiver, ran
+    0.8-0.9x its zero-copy row, which is the same code below 4 MiB (docs/benchmarks.md,
+    2026-12-06)."""
     reps: dict = {m: [] for m in modes}
     for r in range(repeats):
         order = modes[r % len(modes):] + modes[:r % len(modes)]
         for m in order:
-            reps[m].append(amount / _timed(lambda m=m: run(m)))
+            run(m, False)
+            reps[m].append(amount / _timed(lambda m=m: run(m, True)))
     return reps
 
 
@@ -55,7 +60,7 @@ def stream_case(c, nbytes: int, total: int, modes: list, repeats: int) -> dict:
         took = [last[e] - t0 for e in view.targets]
         spread[mode].append(min(took) / max(took) if max(took) > 0 else 1.0)
 
-    def run(mode):
+    def run(mode, timed: bool):
         t0 = time.time()
         c0 = time.process_time()
         if mode in tasks.RAW_RECEIVERS or mode == "rawcopy":
@@ -66,7 +71,8 @@ def stream_case(c, nbytes: int, total: int, modes: list, repeats: int) -> dict:
             got = tasks.raw_recv(total, nbytes, "reuse" if mode == "rawcopy" else mode, last)
             ar.get()
             assert got == total * tasks.array(nbytes).nbytes
-            note_spread(mode, t0, last)
+            if timed:
+                note_spread(mode, t0, last)
         elif mode in ("rawbatch", "rawbatchring"):
             # the engine's copy and batching done raw; rawbatchring also keeps what mpipub
             # keeps (a ring as large as the history)
@@ -85,21 +91,23 @@ def stream_case(c, nbytes: int, total: int, modes: list, repeats: int) -> dict:
             pubs = sum(s.publications for s in stats.values())
             assert pubs == total, (pubs, total)
             assert ar.data[0]["a"].nbytes == tasks.array(nbytes).nbytes
-            note_spread(mode, t0, {e: s.last_time for e, s in stats.items()})
+            if timed:
+                note_spread(mode, t0, {e: s.last_time for e, s in stats.items()})
         # rank 0's share of a core (all its threads) while the run lasted: the fan-in's cost
-        cpu[mode].append((time.process_time() - c0) / max(1e-9, time.time() - t0))
+        if timed:
+            cpu[mode].append((time.process_time() - c0) / max(1e-9, time.time() - t0))
 
     nb = total * tasks.array(nbytes).nbytes
     reps = _interleaved(run, modes, repeats, nb)
     return {"nbytes": nbytes, "engines": n, "messages": total, "bytes": nb, "unit": "B/s",
-            "repeats": reps, "spread": {m: v[1:] for m, v in spread.items() if v},
-            "rank0_cpu": {m: v[1:] for m, v in cpu.items() if v}}
+            "repeats": reps, "spread": {m: v for m, v in spread.items() if v},
+            "rank0_cpu": {m: v for m, v in cpu.items() if v}}
 
 
 def small_case(c, kind: str, total: int, repeats: int) -> dict:
     view, n, per, total = _share(c, total)
 
-    def run(mode):
+    def run(mode, timed: bool):
         if mode == "raw":
             ar = view.apply_async(tasks.raw_small, per, kind)
             tasks.raw_recv_small(total)
