@@ -374,9 +374,13 @@ def test_every_value_kind_arrives_exactly_when_publications_coalesce(mpi_script)
         def zero_copy_offsets():
             import numpy as np
             from mpipub import publish_data
-            n = 1 << 19  # 4 MiB: wire.ZERO_COPY_MIN
-            views = {f"a{k}": np.arange(n + 8, dtype=np.float64)[k:k + n] * (k + 1)
-                     for k in (0, 1, 2, 3, 5)}
+            n = 1 << 19  # 4 MiB: engine.contract.ZERO_COPY_MIN
+            def view_at(k):  # a view starting 8k bytes past a cache line of an array of its own
+                a = np.arange(n + 16, dtype=np.float64) * (k + 1)
+                first = (-a.ctypes.data % 64) // 8  # (numpy aligns float64 arrays to 8 bytes)
+                return a[first + k:first + k + n]
+            views = {f"a{k}": view_at(k) for k in (0, 1, 2, 3, 5)}
+            assert [v.ctypes.data % 64 for v in views.values()] == [0, 8, 16, 24, 40]
             publish_data(views, copy=False)
             return {k: (v.copy(), v.ctypes.data % 64) for k, v in views.items()}
         ar = c[1].apply_async(zero_copy_offsets)

@@ -9,7 +9,8 @@ and much faster than two messages). The header is bytes:
     count(u32) payload(u64) last_time(f64) | buf(u64) * nbufs | body (pickle) | [inline buffers]
 
 where each ``buf`` is a raw buffer's length << 6 | its address mod 64 on the sender (the
-receiver puts its copy at the same offset in a cache line: see CACHE_LINE),
+receiver puts its copy at the same offset in a cache line: see CACHE_LINE; 0 for inline
+buffers, which the header carries),
 
 so routing fields are read without unpickling, and a body that fails to unpickle still says
 which task and step it belonged to. For a batch of publications, ``step``/``time`` are its
@@ -28,7 +29,7 @@ import time
 
 from .polling import Backoff
 
-MAGIC = 0xB5
+MAGIC = 0xB6  # 0xB5 before the buffers' entries carried their offset in a cache line
 # magic kind inline pad nbufs task_id step time bodylen count payload last_time
 _FIXED = struct.Struct("<BBBxIqqdQIQd")
 _BUF = struct.Struct("<Q")  # a raw buffer: length << LINE_BITS | sender's address mod CACHE_LINE
@@ -37,9 +38,9 @@ ALIGN = 16
 #: Raw buffers are received at the sender's address mod CACHE_LINE. The kernel's single-copy
 #: transfer between ranks of a node (CMA, under MPICH and Open MPI) ran at about half speed
 #: between buffers whose addresses differ mod 64: 9-10 GB/s against 16-18 GB/s at 16 MiB
-#: (docs/benchmarks.md, "Receive buffers at the sender's alignment"). A numpy array of a few
-#: MiB starts 16 bytes into its page, mpipub's pooled buffers at 0: every ``copy=False``
-#: publication took the slow copy.
+#: (docs/benchmarks.md, "2026-12-06", finding 2). A numpy array of a few MiB starts 16 bytes
+#: into its page, mpipub's pooled buffers at 0: every ``copy=False`` publication took the
+#: slow copy.
 CACHE_LINE = 64
 LINE_BITS = 6
 
@@ -117,6 +118,10 @@ def _huge_pieces(nbytes: int) -> list:
         count, size = 1, -(-nbytes // HUGE) * HUGE
     else:
         count, size = HUGE // nbytes, HUGE
+    # A last page holding at most a cache line of the buffer (a receive backing's spare line,
+    # RecvPool) stays on 4 KiB pages: only a buffer placed at an offset touches it, and then
+    # it should take 4 KiB, not 2 MiB.
+    advised = size - HUGE if 0 < nbytes % HUGE <= CACHE_LINE else size
     # private (a shared anonymous mapping would be shmem, which THP leaves alone); the part
     # outside [off, off + size) is never touched, so it never takes memory
     try:
@@ -126,7 +131,8 @@ def _huge_pieces(nbytes: int) -> list:
     base = np.frombuffer(mm, np.uint8)
     off = (-base.ctypes.data) % HUGE
     try:
-        mm.madvise(mmap.MADV_HUGEPAGE, off, size)
+        if advised:
+            mm.madvise(mmap.MADV_HUGEPAGE, off, advised)
     except (AttributeError, OSError, ValueError):  # no THP here: ordinary pages
         pass
     return [base[off + i * nbytes: off + (i + 1) * nbytes] for i in range(count)]
@@ -328,10 +334,11 @@ class RecvPool:
 
     Every array the client hands out views a received buffer, and ``ar.data``, ``stream()``
     history and the sink keep them for a while, so each message would land in fresh memory,
-    where page faults cost more than the copy itself (docs/benchmarks.md). So
-    the pool keeps *backing* memory (in a ``BufferPool``, by size class: 64 KiB steps up to
-    2 MiB, then 1 MiB steps) and lends a fresh ndarray over it (``np.frombuffer`` of a
-    memoryview, so every array numpy derives from it keeps exactly that ndarray as its base).
+    where page faults cost more than the copy itself (docs/benchmarks.md). So the pool keeps
+    *backing* memory (in a ``BufferPool``, by size class: 64 KiB steps up to 2 MiB, then 1 MiB
+    steps with a spare cache line, see ``take``) and lends a fresh ndarray over it
+    (``np.frombuffer`` of a memoryview, so every array numpy derives from it keeps exactly
+    that ndarray as its base).
     A weak reference to the lent ndarray queues the backing for reuse when the last array
     made from it is gone. That callback runs in whichever thread drops the last reference,
     possibly in the middle of ``take`` (an allocation there can run the garbage collector),
@@ -357,11 +364,19 @@ class RecvPool:
         returned = self._returned_backings
         while returned:
             self.backings.give(returned.popleft())
-        # Every backing has a cache line to spare, so that a buffer at an offset takes one of
-        # the same size class as one that is not: copy and zero-copy publications of a size
-        # reuse the same memory instead of each mapping fresh pages (the spare line of a
-        # buffer at offset 0 is never touched, so it costs no memory).
-        backing = self.backings.take(self.size_class(nbytes) + CACHE_LINE)
+        # Above 2 MiB every backing has a cache line to spare, so that a buffer at an offset
+        # takes the same size class as one at 0: copy and zero-copy publications of a size
+        # (zero-copy starts at 4 MiB) reuse the same memory instead of each mapping fresh
+        # pages. The spare line lies on 4 KiB pages where it would start a huge page of its
+        # own (_huge_pieces), and only a buffer at an offset touches it. Below, where buffers
+        # arrive at offset 0 but for rare ones, an offset takes the next class: a spare line
+        # there would halve how many backings share a 2 MiB page.
+        cls = self.size_class(nbytes)
+        if cls > HUGE:
+            cls += CACHE_LINE
+        elif at:
+            cls = self.size_class(nbytes + CACHE_LINE)
+        backing = self.backings.take(cls)
         np = _np()
         lent = np.frombuffer(memoryview(backing), np.uint8, nbytes,
                              _line_offset(backing, nbytes, at))
