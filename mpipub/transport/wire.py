@@ -80,9 +80,12 @@ def _empty(nbytes: int):
 
 
 def address(buf) -> int:
-    """Where a contiguous buffer's first byte is in memory."""
-    np = _np()
-    return np.frombuffer(buf, np.uint8).__array_interface__["data"][0]
+    """Where a contiguous buffer's first byte is in memory (an ndarray's without making a new
+    array: every received buffer and every sent one asks)."""
+    face = getattr(buf, "__array_interface__", None)
+    if face is None:
+        face = _np().frombuffer(buf, "u1").__array_interface__
+    return face["data"][0]
 
 
 def _line_offset(backing, nbytes: int, at: int) -> int:
