@@ -347,3 +347,26 @@ def test_sigterm_again_while_closing_is_not_raised_into_the_shutdown(tmp_path):
         check_openmpi_signalled_file(tmp_path / "run.h5", job.stderr)
     else:
         check_sink_file(tmp_path / "run.h5", job.stderr, cut)
+
+
+LATE_SIGNAL = """
+    import atexit, os, signal, time
+    from mpipub import Client
+    def late_sigterm():  # after mpipub's end of rank 0 (atexit runs after it): a forwarded
+        # SIGTERM that arrives this late must not kill rank 0 in Python's teardown
+        print("ignored after the end:", signal.getsignal(signal.SIGTERM) is signal.SIG_IGN,
+              flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        print("still here", flush=True)
+    c = Client()  # (engines serve here and never return: rank 0 alone goes on)
+    atexit.register(late_sigterm)
+    c[:].apply_sync(lambda: None)
+"""
+
+
+def test_a_signal_after_the_end_of_rank_0_is_ignored(mpi_script):
+    job = mpi_script(LATE_SIGNAL, nranks=3, timeout=60)
+    assert job.returncode == 0, job.output
+    assert "ignored after the end: True" in job.stdout and "still here" in job.stdout, job.output
+    assert "again while closing" not in job.stderr, job.output

@@ -472,9 +472,15 @@ class Client:
 
 def _close_at_exit(exit_code: int | None = None) -> None:
     """The end of rank 0 (see mpipub.client.ending): stop the engines and close the sinks, once,
-    however the script ended (``exit_code``: the script's status when the caller knows it)."""
-    if not ending.begin_shutdown():
-        return
+    however the script ended (``exit_code``: the script's status when the caller knows it);
+    then rank 0 only ends, and ignores the signals that end jobs (``comm.
+    ignore_ending_signals``: a late forwarded SIGTERM killed it in Python's teardown)."""
+    if ending.begin_shutdown():
+        _shut_down(exit_code)
+    _comm.ignore_ending_signals()
+
+
+def _shut_down(exit_code: int | None) -> None:
     rt = _runtime
     signum, since = ending.cut_by()
     interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)

@@ -10,7 +10,8 @@ Signals that end a job: SIGTERM (``scancel``, ``kill``, mpiexec forwarding it) a
 (SLURM's ``--signal=USR1@LEAD`` warning before a time limit) become ``SystemExit(128 + signum)``
 in the main thread, so the user's code unwinds and the shutdown runs: running tasks are
 aborted, their tasks marked cut short in the sink, and rank 0 says so in one line. A signal
-that arrives while the shutdown already runs is noted, never raised into it.
+that arrives while the shutdown already runs is noted, never raised into it; once it is done,
+rank 0 ignores them until it has ended (``comm.ignore_ending_signals``).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import weakref
 from .. import config
 from ..errors import MpipubError, TaskAborted
 from ..transport import wire
-from ..transport.comm import CLIENT_RANK, TAG_CBUF, TAG_CTRL, World
+from ..transport.comm import CLIENT_RANK, TAG_CBUF, TAG_CTRL, World, ignore_ending_signals
 from ..transport.polling import Backoff
 from .batch import fastpub
 from .sender import Sender
@@ -80,11 +80,7 @@ def fast_path_on() -> bool:
 
 def serve_and_exit(world: World) -> None:
     """Engine ranks: serve tasks until the client stops us, then end the process (status 0)."""
-    Engine(world).serve()
-    # Leaving: a signal still on its way (mpiexec forwards the ones sent to the whole job,
-    # possibly twice) must not kill us inside MPI_Finalize and turn a clean end into a crash
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+    Engine(world).serve()  # (leaves ignoring the signals that end jobs)
     sys.stdout.flush()
     sys.stderr.flush()
     sys.exit(0)
@@ -253,11 +249,13 @@ class Engine:
             raise TaskAborted(f"task {task_id} was aborted {why} on engine {self.rank} {when}")
 
     def serve(self) -> None:
-        """Run tasks until the client says stop."""
+        """Run tasks until the client says stop; then the process only ends, so the signals
+        that end jobs are ignored from there on (``comm.ignore_ending_signals``: before the
+        sender's threads are joined, where a late forwarded SIGTERM used to kill engines)."""
         _set_current(self)  # (publish_data's C path publishes from this thread only)
         _announce_deaths(self)
-        old = {sig: signal.signal(sig, self._on_signal)
-               for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
         idle = Backoff(POLL_MIN_S, POLL_GROWTH, POLL_MAX_S)
         try:
             while True:
@@ -280,8 +278,7 @@ class Engine:
                 if m.kind == wire.TASK:
                     self.run_task(m)
         finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
+            ignore_ending_signals()
             _set_current(None)
             self.sender.close()
 

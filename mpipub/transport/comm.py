@@ -183,6 +183,22 @@ def _library() -> str:
     return " ".join(lines[0].split(",")[0].split())
 
 
+def ignore_ending_signals() -> None:
+    """For a rank that has done its part of the job's end: from now on SIGINT, SIGTERM and
+    SIGUSR1 are ignored (SIGKILL still ends it). mpiexec forwards a signal sent to the whole
+    job, so every rank gets it twice, the second possibly late: arriving in MPI_Finalize, or
+    in Python's teardown (which puts the default action back for the signals it handles), it
+    killed the rank and turned a clean end into mpiexec's "BAD TERMINATION ... signal 15"
+    (tests/test_endings.py, SIGTERM again while closing). Main thread only."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def finalize() -> None:
     """Finalize MPI now (used before a fast exit)."""
     if _world is not None:
